@@ -231,9 +231,21 @@ def attn_implementation(attn: str, device: str) -> str | None:
     return attn
 
 
-def load_model(model: str, config: Any, options: LoadOptions) -> Any:
-    """The model in eval mode, with the flags mapped onto today's API (dtype=, attn_implementation=,
-    quantization_config=, device_map=)."""
+@dataclass(frozen=True)
+class ModelPlan:
+    """Everything decided about a model before its weights load: the device, and the arguments of
+    `from_pretrained` (dtype=, attn_implementation=, quantization_config=, device_map=)."""
+
+    model: str
+    model_class: str
+    device: str
+    kwargs: dict[str, Any]
+    compile: bool
+
+
+def plan_model(model: str, config: Any, options: LoadOptions) -> ModelPlan:
+    """Check the flags against this machine and map them onto today's API; raises what a load would raise for a
+    wrong flag (UsageError / SetupError) without loading anything."""
     device = resolve_device(options.device)
     if options.compile and not device.startswith("cuda"):
         raise UsageError(f"--compile needs a CUDA GPU, not {device}", hint="drop --compile")
@@ -267,22 +279,34 @@ def load_model(model: str, config: Any, options: LoadOptions) -> Any:
             kwargs["max_memory"] = options.max_memory
     else:
         kwargs["device_map"] = {"": device}
+    return ModelPlan(model, SUPPORTED_ARCHITECTURES[config.model_type], device, kwargs, options.compile)
 
+
+def load_planned_model(plan: ModelPlan, offline: bool = False) -> Any:
+    """Load the weights as planned; the model comes back in eval mode."""
     import transformers
 
-    model_class = getattr(transformers, SUPPORTED_ARCHITECTURES[config.model_type])
+    from safetensors import SafetensorError
+
+    model_class = getattr(transformers, plan.model_class)
     try:
-        loaded = model_class.from_pretrained(model, **kwargs)
+        loaded = model_class.from_pretrained(plan.model, **plan.kwargs)
+    except SafetensorError as exc:
+        raise SetupError(f"cannot load {plan.model}: a weights file is damaged ({exc})",
+                         hint="download or copy the checkpoint again") from None
     except (OSError, ValueError) as exc:
-        raise _hub_error(model, options.offline, exc) from exc
+        raise _hub_error(plan.model, offline, exc) from exc
     except ImportError as exc:
-        raise SetupError(f"cannot load {model}: {exc}") from exc
+        raise SetupError(f"cannot load {plan.model}: {exc}") from exc
     loaded.eval()
-    if device == "cpu":
-        share_cpu_with_the_input_pipeline()
-    if options.compile:
+    if plan.compile:
         compile_language_model(loaded)
     return loaded
+
+
+def load_model(model: str, config: Any, options: LoadOptions) -> Any:
+    """The model in eval mode, with the flags mapped onto today's API."""
+    return load_planned_model(plan_model(model, config, options), options.offline)
 
 
 def torch_cuda_count() -> int:
@@ -308,18 +332,6 @@ def parse_max_memory(text: str) -> dict[int | str, str]:
         else:
             raise UsageError(f"--max-memory: unknown device {device!r} (a GPU number, cpu or disk)")
     return limits
-
-
-def share_cpu_with_the_input_pipeline() -> None:
-    """Leave one core to the thread that decodes and preprocesses the next images while the model runs (unless the
-    user chose the thread count with OMP_NUM_THREADS / MKL_NUM_THREADS)."""
-    import torch
-
-    if os.environ.get("OMP_NUM_THREADS") or os.environ.get("MKL_NUM_THREADS"):
-        return
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if cores > 1 and torch.get_num_threads() >= cores:
-        torch.set_num_threads(cores - 1)
 
 
 def compile_language_model(model: Any) -> None:

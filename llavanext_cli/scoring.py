@@ -106,7 +106,9 @@ def score_labels(
         raise UsageError(f"label {merge.label!r} merges with the end of the prompt when tokenized",
                          hint="end the prompt with a space or punctuation, or change the label") from None
 
-    inputs = processor(images=list(images), text=[prompt] * len(images), padding=True, return_tensors="pt")
+    from llavanext_cli.generation import prepare_inputs
+
+    inputs = prepare_inputs(checkpoint, [prompt] * len(images), [[image] for image in images])
     inputs = inputs.to(model.device)
     if inputs["pixel_values"].is_floating_point():
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
@@ -194,6 +196,7 @@ def classify_inputs(
     from llavanext_cli.images import load_input_image
 
     fetching = fetching or ImageFetching()
+    checkpoint.load()  # before any record: a checkpoint that fails to load writes none
     for start in range(0, len(sources), batch_size):
         batch = sources[start:start + batch_size]
         records: list[dict[str, Any] | None] = []

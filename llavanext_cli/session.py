@@ -1,22 +1,61 @@
-"""An opened checkpoint: config, processor, model and the resolved prompt format, built from the settings."""
+"""An opened checkpoint: config, processor, model and the resolved prompt format, built from the settings.
+
+The weights load on first use of `Checkpoint.model`, so that the input pipeline (decoding, resizing, tokenizing
+the first images) already works while they load; every flag is checked against the machine when the checkpoint
+is opened, so a wrong flag still fails before anything loads.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+from collections.abc import Callable
 from typing import Any
 
-from llavanext_cli.loading import LoadOptions, load_config, load_model, load_processor
+from llavanext_cli.loading import LoadOptions, ModelPlan, load_config, load_planned_model, load_processor, plan_model
 from llavanext_cli.prompts import PromptFormatChoice, resolve_prompt_format
 from llavanext_cli.settings import Settings
 
 
-@dataclass
 class Checkpoint:
-    model_id: str
-    config: Any
-    processor: Any
-    model: Any
-    prompt: PromptFormatChoice
+    """`model` loads on first use (once, whichever thread asks first; a failed load fails every later use too)."""
+
+    def __init__(self, model_id: str, config: Any, processor: Any, prompt: PromptFormatChoice, plan: ModelPlan,
+                 offline: bool = False, on_loaded: Callable[[], None] | None = None) -> None:
+        self.model_id = model_id
+        self.config = config
+        self.processor = processor
+        self.prompt = prompt
+        self.plan = plan
+        self._offline = offline
+        self._on_loaded = on_loaded
+        self._model: Any = None
+        self._failure: BaseException | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def device_type(self) -> str:
+        """cpu, cuda or mps: known before the weights load."""
+        return self.plan.device.split(":", 1)[0]
+
+    @property
+    def model(self) -> Any:
+        with self._lock:
+            if self._model is None:
+                if self._failure is not None:
+                    raise self._failure
+                try:
+                    self._model = load_planned_model(self.plan, self._offline)
+                except BaseException as exc:
+                    self._failure = exc
+                    raise
+                if self._on_loaded is not None:
+                    self._on_loaded()
+            return self._model
+
+    def load(self) -> Checkpoint:
+        """Load the weights now (commands that wait for a person rather than for inputs)."""
+        _ = self.model
+        return self
 
     @property
     def device(self) -> Any:
@@ -48,10 +87,16 @@ def choose_prompt_format(model_id: str, config: Any, processor: Any, requested: 
     )
 
 
-def open_checkpoint(settings: Settings, compile: bool = False, max_memory: dict | None = None) -> Checkpoint:
-    """Load everything a model-running command needs; errors are SetupError / UsageError with a hint."""
+def open_checkpoint(settings: Settings, compile: bool = False, max_memory: dict | None = None,
+                    on_loaded: Callable[[], None] | None = None) -> Checkpoint:
+    """Config, processor and prompt format now, the model on first use; errors are SetupError / UsageError with a
+    hint. `on_loaded` is called once the weights are in memory."""
     config = load_config(settings.model, offline=settings.offline)
     processor = load_processor(settings.model, config, offline=settings.offline)
     prompt = choose_prompt_format(settings.model, config, processor, settings.prompt_format)
-    model = load_model(settings.model, config, load_options(settings, compile, max_memory))
-    return Checkpoint(settings.model, config, processor, model, prompt)
+    plan = plan_model(settings.model, config, load_options(settings, compile, max_memory))
+    if plan.device == "cpu":
+        from llavanext_cli.concurrency import use_cpu_cores
+
+        use_cpu_cores(workers=1)
+    return Checkpoint(settings.model, config, processor, prompt, plan, settings.offline, on_loaded)

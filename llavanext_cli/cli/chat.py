@@ -70,6 +70,7 @@ def chat(
     output_format = settings.format if settings.format in ("text", "jsonl") else "text"
     sources = expand_inputs(images, stdin=sys.stdin) if images else []
     run = open_run(settings, None, verbose)
+    run.checkpoint.load()  # now, not while the person waits for the first answer
     session = ChatSession(run.checkpoint, run.generation, ImageFetching(settings.url_timeout, settings.url_max_bytes),
                           system=system)
     saved_settings = {

@@ -16,7 +16,7 @@ except ImportError:  # pragma: no cover
     from click import exceptions as click_exceptions
 
 from llavanext_cli import __version__
-from llavanext_cli.cli import ask, caption, chat, classify, init_model, inspect_config
+from llavanext_cli.cli import ask, caption, chat, classify, collector, init_model, inspect_config
 from llavanext_cli.cli.console import print_error, warn
 from llavanext_cli.errors import EXIT_INTERRUPTED, EXIT_SETUP, EXIT_TERMINATED, EXIT_USAGE, LlavaError, Terminated
 
@@ -65,6 +65,13 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
         print(warnings.formatwarning(message, category, filename, lineno, line), file=sys.stderr, end="")
 
 
+def _run_app(argv: list[str] | None) -> object:
+    try:
+        return app(args=argv, standalone_mode=False, prog_name="llava")
+    finally:
+        collector.before_exit()
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: one `Error:` line (and a `Hint:`) for a user mistake; with LLAVA_DEBUG=1 the traceback too,
     and the same exit code."""
@@ -81,9 +88,10 @@ def main(argv: list[str] | None = None) -> None:
 
     if argv is None:  # the real process (tests call main() in-process with argv and keep their own handlers)
         signal.signal(signal.SIGTERM, terminate)
+        collector.defer_until_loaded()
     warnings.showwarning = _show_warning
     try:
-        result = app(args=argv, standalone_mode=False, prog_name="llava")
+        result = _run_app(argv)
     except LlavaError as exc:
         fail(exc.message, exc.hint, exc.exit_code)
     except click_exceptions.NoArgsIsHelpError as exc:

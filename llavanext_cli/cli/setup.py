@@ -53,12 +53,14 @@ def settings_for(flags: dict[str, Any], config: Path | None) -> Settings:
 
 def open_run(settings: Settings, output: Path | None, verbose: bool, compile: bool = False,
              max_memory: dict | None = None) -> Run:
-    """Load the model for a run whose settings, inputs and output have been checked."""
+    """Open the checkpoint for a run whose settings, inputs and output have been checked (the weights load on
+    first use, while the first inputs are being prepared)."""
+    from llavanext_cli.cli import collector
     from llavanext_cli.loading import configure_library_logging
     from llavanext_cli.session import open_checkpoint
 
     configure_library_logging(verbose)
-    checkpoint = open_checkpoint(settings, compile, max_memory)
+    checkpoint = open_checkpoint(settings, compile, max_memory, on_loaded=collector.model_loaded)
     if checkpoint.prompt.warning:
         warn(checkpoint.prompt.warning)
     generation = GenerationOptions(
