@@ -85,17 +85,27 @@ def answer_jobs(
     on_text: Callable[[str], None] | None = None,
     fast_decode: bool = False,
     prefetch: bool = True,
+    workers: int = 1,
 ) -> Iterator[Record]:
     """Yield one record per job, in order; an unreadable image is an error record and the others go on.
     Batches group jobs of similar image-token counts; the next batches are loaded and preprocessed in the
-    background while the model generates. `on_text` receives the answer as it is generated (one job only)."""
+    background while the model loads and generates, and `workers` batches are generated at once.
+    `on_text` receives the answer as it is generated (one job only)."""
+    import threading
+
     from llavanext_cli.generation import prepare_inputs
-    from llavanext_cli.pipeline import plan_batches, run_pipelined, token_counts
+    from llavanext_cli.pipeline import plan_batches, prefetch_depth, run_pipelined, token_counts
 
     draft_edge = largest_model_edge(checkpoint) if fast_decode else None
+    on_cpu = checkpoint.device_type == "cpu"
     # On a GPU a little padding costs less than a smaller batch; on a CPU every padded token is paid in full.
-    tolerance = 0.0 if checkpoint.device.type == "cpu" else 0.1
+    tolerance = 0.0 if on_cpu else 0.1
     batches = plan_batches(token_counts(checkpoint, [job.images for job in jobs], batch_size), batch_size, tolerance)
+    cancelled = threading.Event()
+    if on_cpu:  # before any worker thread starts: each thread takes torch's thread count when it first runs
+        from llavanext_cli.concurrency import use_cpu_cores
+
+        use_cpu_cores(workers)
 
     def prepare(indices: list[int]) -> _PreparedBatch:
         failed: dict[int, Record] = {}
@@ -112,11 +122,12 @@ def answer_jobs(
         return _PreparedBatch(failed, ready, prompts, inputs)
 
     def run(batch: _PreparedBatch) -> Iterator[tuple[int, Record]]:
+        checkpoint.load()  # the weights load on first use: a checkpoint that fails to load writes no record
         yield from batch.records.items()
         if not batch.ready:
             return
         results = generate(checkpoint, batch.prompts, [images for _, _, images in batch.ready], options,
-                           on_text=on_text if len(jobs) == 1 else None, inputs=batch.inputs)
+                           on_text=on_text if len(jobs) == 1 else None, inputs=batch.inputs, cancelled=cancelled)
         for (index, job, _), result in zip(batch.ready, results):
             yield index, {
                 **job.subject(),
@@ -128,7 +139,8 @@ def answer_jobs(
                 **_extra(job),
             }
 
-    yield from run_pipelined(prepare, run, batches, prefetch=prefetch)
+    yield from run_pipelined(prepare, run, batches, prefetch=prefetch, workers=workers,
+                             depth=prefetch_depth(batch_size, workers), cancelled=cancelled)
 
 
 def largest_model_edge(checkpoint: Checkpoint) -> int:

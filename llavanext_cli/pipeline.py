@@ -1,6 +1,7 @@
-"""Keeping the model busy: inputs grouped by image-token count (little padding per batch), and the CPU work of
-the next batches (decoding, preprocessing, tokenizing) done in a background thread while the model generates.
-Results still come out in input order."""
+"""Keeping the model busy: inputs grouped by image-token count (little padding per batch), the CPU work of the
+next batches (decoding, preprocessing, tokenizing) done in a background thread while the model generates (and
+while its weights load), and, where it pays (a CPU), more than one batch generated at once. Results still come
+out in input order."""
 
 from __future__ import annotations
 
@@ -17,6 +18,11 @@ _DONE = object()
 # How many batches' worth of inputs are sorted together by token count: wider packs batches more tightly,
 # narrower holds fewer finished records back to keep the output in input order.
 BUCKET_WINDOW_BATCHES = 4
+# How many inputs may be prepared ahead of the model (about 7 MB of pixels each at 5 tiles of 336 px): enough to
+# keep the model fed from the moment its weights are in memory, few enough to bound the memory.
+PREFETCH_INPUTS = 16
+# How long a stopping consumer waits for the background thread to finish the item in hand, in seconds.
+JOIN_TIMEOUT = 10.0
 
 
 def image_token_count(checkpoint: Any, size: tuple[int, int] | None) -> int:
@@ -69,20 +75,24 @@ def in_background(items: Iterable[T], depth: int = 2) -> Iterator[T]:
     buffer: queue.Queue[Any] = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
+    def offer(item: Any) -> bool:
+        """Put `item` in the buffer unless the consumer stops first."""
+        while not stop.is_set():
+            try:
+                buffer.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def work() -> None:
         try:
             for item in items:
-                while not stop.is_set():
-                    try:
-                        buffer.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not offer(item):
                     return
-            buffer.put(_DONE)
+            offer(_DONE)
         except BaseException as error:  # handed to the consumer, which raises it
-            buffer.put(error)
+            offer(error)
 
     thread = threading.Thread(target=work, name="llava-prefetch", daemon=True)
     thread.start()
@@ -96,6 +106,9 @@ def in_background(items: Iterable[T], depth: int = 2) -> Iterator[T]:
             yield item
     finally:
         stop.set()
+        # Wait for the item in hand (a bounded wait: a URL can take up to its timeout): a thread still inside
+        # the processor's native code when the interpreter exits can abort the process.
+        thread.join(timeout=JOIN_TIMEOUT)
 
 
 def in_input_order(results: Iterable[tuple[int, T]]) -> Iterator[T]:
@@ -109,14 +122,75 @@ def in_input_order(results: Iterable[tuple[int, T]]) -> Iterator[T]:
             next_index += 1
 
 
+def prefetch_depth(batch_size: int, workers: int) -> int:
+    """How many prepared batches may wait for the model."""
+    return max(workers + 1, PREFETCH_INPUTS // max(batch_size, 1))
+
+
+def run_concurrently(run: Callable[[Any], Iterable[tuple[int, T]]], items: Iterator[Any], workers: int,
+                     cancelled: threading.Event) -> Iterator[tuple[int, T]]:
+    """run(item) for the items in `workers` threads at once; each item's results together, items in the order
+    they finish. An exception in a worker is raised here; when the consumer stops (an exception, Ctrl-C,
+    closing), `cancelled` is set and the workers are waited for, so none is left running."""
+    finished: queue.Queue[Any] = queue.Queue()
+    take = threading.Lock()
+
+    def work() -> None:
+        try:
+            while not cancelled.is_set():
+                with take:
+                    item = next(items, _DONE)
+                if item is _DONE:
+                    break
+                results = list(run(item))
+                if not cancelled.is_set():
+                    finished.put(results)
+        except BaseException as error:  # handed to the consumer, which raises it
+            cancelled.set()
+            finished.put(error)
+        finally:
+            finished.put(_DONE)
+
+    threads = [threading.Thread(target=work, name=f"llava-worker-{n}", daemon=True) for n in range(workers)]
+    for thread in threads:
+        thread.start()
+    try:
+        running = len(threads)
+        while running:
+            got = finished.get()
+            if got is _DONE:
+                running -= 1
+            elif isinstance(got, BaseException):
+                raise got
+            else:
+                yield from got
+    finally:
+        cancelled.set()
+        for thread in threads:
+            thread.join()
+
+
 def run_pipelined(prepare: Callable[[list[int]], Any], run: Callable[[Any], Iterable[tuple[int, T]]],
-                  batches: Sequence[list[int]], prefetch: bool = True) -> Iterator[T]:
-    """prepare(batch) in the background, run(prepared) here; results in input order."""
+                  batches: Sequence[list[int]], prefetch: bool = True, workers: int = 1, depth: int = 2,
+                  cancelled: threading.Event | None = None) -> Iterator[T]:
+    """prepare(batch) in the background (at most `depth` batches ahead), run(prepared) here or, with
+    `workers` > 1, in that many threads at once; results in input order. `cancelled` is set when the consumer
+    stops early, for `run` to cut short what it is doing."""
+    cancelled = cancelled if cancelled is not None else threading.Event()
     prepared = (prepare(batch) for batch in batches)
-    source = in_background(prepared) if prefetch else prepared
+    source = in_background(prepared, depth) if prefetch else prepared
 
     def results() -> Iterator[tuple[int, T]]:
-        for item in source:
-            yield from run(item)
+        try:
+            if workers > 1:
+                yield from run_concurrently(run, iter(source), workers, cancelled)
+            else:
+                for item in source:
+                    yield from run(item)
+        finally:
+            cancelled.set()
+            close = getattr(source, "close", None)
+            if close is not None:
+                close()
 
     return in_input_order(results())

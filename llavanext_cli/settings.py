@@ -48,6 +48,7 @@ _SPECS: dict[str, _Spec] = {
     "attn": _Spec(str, choices=ATTN_IMPLEMENTATIONS),
     "device": _Spec(str, pattern=_DEVICE_PATTERN, describe="auto, cpu, cuda, cuda:N or mps"),
     "batch_size": _Spec(int, minimum=1),
+    "workers": _Spec(int, minimum=0),
     "max_new_tokens": _Spec(int, minimum=1),
     "temperature": _Spec(float, minimum=0.0),
     "top_p": _Spec(float, minimum=0.0, maximum=1.0),
@@ -82,6 +83,7 @@ class Settings:
     attn: str
     device: str
     batch_size: int
+    workers: int
     max_new_tokens: int
     temperature: float
     top_p: float

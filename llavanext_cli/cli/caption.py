@@ -21,6 +21,7 @@ def caption(
     attn: opt.AttnOpt = None,
     device: opt.DeviceOpt = None,
     batch_size: opt.BatchSizeOpt = None,
+    workers: opt.WorkersOpt = None,
     max_new_tokens: opt.MaxNewTokensOpt = None,
     temperature: opt.TemperatureOpt = None,
     top_p: opt.TopPOpt = None,

@@ -30,6 +30,9 @@ DeviceOpt = Annotated[Optional[str], typer.Option(
     "--device", help="auto | cpu | cuda | cuda:N | mps.", rich_help_panel=_RUN, show_default=False)]
 BatchSizeOpt = Annotated[Optional[int], typer.Option(
     "--batch-size", help="Images per forward pass.", rich_help_panel=_RUN, show_default=False)]
+WorkersOpt = Annotated[Optional[int], typer.Option(
+    "--workers", help="Batches generated at once, each on its share of the CPU cores; 0 = auto (2 on a CPU, "
+    "1 on a GPU, where --batch-size is the knob).", rich_help_panel=_RUN, show_default=False)]
 OfflineOpt = Annotated[Optional[bool], typer.Option(
     "--offline/--online", help="Use only local files and the Hub cache.", rich_help_panel=_RUN, show_default=False)]
 ConfigOpt = Annotated[Optional[Path], typer.Option(
@@ -80,6 +83,7 @@ ImagesArg = Annotated[Optional[list[str]], typer.Argument(
 
 _SETTING_PARAMETERS = {"model": "model", "prompt_format": "prompt_format", "dtype": "dtype", "quant": "quant",
                        "quant_type": "quant_type", "attn": "attn", "device": "device", "batch_size": "batch_size",
+                       "workers": "workers",
                        "max_new_tokens": "max_new_tokens", "temperature": "temperature", "top_p": "top_p",
                        "num_beams": "num_beams", "seed": "seed", "output_format": "format", "offline": "offline",
                        "normalize": "normalize"}

@@ -46,8 +46,9 @@ def write_records(run, records: Callable[[Callable[[str], None] | None], Iterato
         task = progress.add_task("images", total=count, rate="", failed="")
         progress.start()
     complete = False
+    produced = records(stream_to_stdout if streaming else None)
     try:
-        for record in records(stream_to_stdout if streaming else None):
+        for record in produced:
             if not is_success(record):
                 failures += 1
                 warn(f"{_describe(record)}: {record['error']}")
@@ -65,6 +66,11 @@ def write_records(run, records: Callable[[Callable[[str], None] | None], Iterato
                                 failed=f"[red]{failures} failed[/red]" if failures else "")
         complete = True
     finally:
+        # Stop the pipeline's threads now (Ctrl-C, SIGTERM, an error): a thread still inside the model when the
+        # interpreter exits would abort the process instead of letting it exit with the contract's code.
+        close = getattr(produced, "close", None)
+        if close is not None:
+            close()
         if progress is not None:
             progress.stop()
         sink.close(complete=complete)
