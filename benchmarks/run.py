@@ -83,27 +83,35 @@ def main() -> None:
                 "--max-new-tokens", str(args.max_new_tokens), "--batch-size", str(args.batch_size),
                 "--format", "jsonl"]
         tool_single = tool[:tool.index("--batch-size")] + ["--batch-size", "1", "--format", "jsonl"]
+        tool_one_worker = tool_single + ["--workers", "1"]
         help_cmd = [sys.executable, "-m", "llavanext_cli", "--help"]
         imports = [sys.executable, "-c", "import torch, transformers"]
 
-        runs: dict[str, list[dict]] = {"seeds": [], "tool": [], "tool_b1": [], "help": [], "imports": []}
+        runs: dict[str, list[dict]] = {"seeds": [], "tool": [], "tool_b1": [], "tool_w1": [], "help": [],
+                                       "imports": []}
         for _ in range(args.repeats):
             runs["seeds"].append(measure(seeds))
             runs["tool"].append(measure(tool))
             runs["tool_b1"].append(measure(tool_single))
+            runs["tool_w1"].append(measure(tool_one_worker))
             runs["help"].append(measure(help_cmd))
             runs["imports"].append(measure(imports))
 
         print(f"{args.images} images, {args.max_new_tokens} new tokens, checkpoint {model}, median of {args.repeats}")
         print(f"{'':28s} {'wall s':>8s} {'img/s':>7s} {'tok/s':>7s} {'first s':>8s} {'peak RSS MiB':>13s}")
-        for name, label in (("seeds", "seeds' loop"), ("tool_b1", "llava caption --batch-size 1"),
+        for name, label in (("seeds", "seeds' loop"), ("tool_b1", "llava caption (defaults)"),
+                            ("tool_w1", "llava caption --workers 1"),
                             ("tool", f"llava caption --batch-size {args.batch_size}")):
             wall = median(runs[name], "wall")
             print(f"{label:28s} {wall:8.2f} {args.images / wall:7.2f} {median(runs[name], 'tokens') / wall:7.1f} "
                   f"{median(runs[name], 'first'):8.2f} {median(runs[name], 'peak_rss_kib') / 1024:13.0f}")
         seeds_wall = median(runs["seeds"], "wall")
-        print(f"ratio llava caption / seeds' loop: batch 1 {median(runs['tool_b1'], 'wall') / seeds_wall:.3f}, "
+        print(f"ratio llava caption / seeds' loop: defaults {median(runs['tool_b1'], 'wall') / seeds_wall:.3f}, "
+              f"--workers 1 {median(runs['tool_w1'], 'wall') / seeds_wall:.3f}, "
               f"batch {args.batch_size} {median(runs['tool'], 'wall') / seeds_wall:.3f}")
+        ratios = [b["wall"] / s["wall"] for s, b in zip(runs["seeds"], runs["tool_b1"])]
+        print("per-repeat ratios (defaults / the seeds' loop run just before): "
+              + ", ".join(f"{r:.3f}" for r in ratios))
         help_wall, import_wall = median(runs["help"], "wall"), median(runs["imports"], "wall")
         print(f"llava --help {help_wall:.3f} s; import torch, transformers {import_wall:.3f} s; "
               f"ratio {help_wall / import_wall:.3f}")
