@@ -101,6 +101,7 @@ def answer_jobs(
     # On a GPU a little padding costs less than a smaller batch; on a CPU every padded token is paid in full.
     tolerance = 0.0 if on_cpu else 0.1
     batches = plan_batches(token_counts(checkpoint, [job.images for job in jobs], batch_size), batch_size, tolerance)
+    workers = max(1, min(workers, len(batches)))
     cancelled = threading.Event()
     if on_cpu:  # before any worker thread starts: each thread takes torch's thread count when it first runs
         from llavanext_cli.concurrency import use_cpu_cores

@@ -63,8 +63,12 @@ def check_workers(requested: int, sampling_with_seed: bool, compile: bool, sourc
 
 def resolve_workers(requested: int, device: str, jobs: int, sampling_with_seed: bool, compile: bool,
                     data_parallel: bool) -> int:
-    """The number of workers for a run: what the user asked for, or (AUTO) two on a CPU with at least two cores
-    and one elsewhere, and never more than there are jobs."""
+    """The number of workers for a run: what the user asked for (more than one on a CPU only: concurrent
+    generate() calls on one GPU model are not a use transformers supports), or (AUTO) two on a CPU with at
+    least two cores and one elsewhere, and never more than there are jobs."""
+    if requested > 1 and device != "cpu":
+        raise UsageError(f"--workers {requested} applies to runs on a CPU, and this run is on {device}",
+                         hint="drop --workers; on a GPU, raise --batch-size instead")
     if requested == AUTO:
         on_cpu = device == "cpu"
         if not on_cpu or sampling_with_seed or compile or data_parallel or cpu_cores() < 2:

@@ -132,6 +132,12 @@ def run_concurrently(run: Callable[[Any], Iterable[tuple[int, T]]], items: Itera
     """run(item) for the items in `workers` threads at once; each item's results together, items in the order
     they finish. An exception in a worker is raised here; when the consumer stops (an exception, Ctrl-C,
     closing), `cancelled` is set and the workers are waited for, so none is left running."""
+    # The first item runs here, on the consumer's thread: it is where a lazily loaded model loads, and Ctrl-C
+    # interrupts a load here at once, where a worker thread would have to be waited for.
+    first = next(items, _DONE)
+    if first is _DONE:
+        return
+    yield from run(first)
     finished: queue.Queue[Any] = queue.Queue()
     take = threading.Lock()
 
@@ -191,6 +197,9 @@ def run_pipelined(prepare: Callable[[list[int]], Any], run: Callable[[Any], Iter
             cancelled.set()
             close = getattr(source, "close", None)
             if close is not None:
-                close()
+                try:
+                    close()
+                except ValueError:  # a worker is still inside it (a second Ctrl-C cut the wait short)
+                    pass
 
     return in_input_order(results())

@@ -107,6 +107,7 @@ def test_seeded_sampling_stays_reproducible_with_auto_workers(tiny_next):
 
 def test_resolve_workers_rules():
     from llavanext_cli.concurrency import AUTO, resolve_workers, threads_per_worker
+    from llavanext_cli.errors import UsageError
 
     assert resolve_workers(AUTO, "cpu", 10, False, False, False) == 2
     assert resolve_workers(AUTO, "cuda", 10, False, False, False) == 1
@@ -114,7 +115,10 @@ def test_resolve_workers_rules():
     assert resolve_workers(AUTO, "cpu", 10, False, False, True) == 1      # one process of a data-parallel run
     assert resolve_workers(AUTO, "cpu", 1, False, False, False) == 1      # one job
     assert resolve_workers(4, "cpu", 3, False, False, False) == 3         # never more than the jobs
-    assert resolve_workers(3, "cuda", 10, False, False, False) == 3       # asked for: given
+    assert resolve_workers(3, "cpu", 10, False, False, True) == 3         # asked for, on a CPU: given
+    with pytest.raises(UsageError, match="applies to runs on a CPU"):
+        resolve_workers(3, "cuda", 10, False, False, False)
+    assert resolve_workers(1, "cuda", 10, False, False, False) == 1
     assert threads_per_worker(2, 2) == 1 and threads_per_worker(2, 16) == 7 and threads_per_worker(1, 16) == 15
     assert threads_per_worker(1, 1) == 1
 
@@ -243,6 +247,15 @@ def test_a_checkpoint_that_fails_to_load_writes_no_record(tiny_next, tmp_path):
     assert result.exit_code == 3, result.stderr
     assert "a weights file is damaged" in result.stderr and "Traceback" not in result.stderr
     assert not out.exists() or out.read_text() == ""
+    # Nothing at all is written before the model loads: an existing text file keeps its content, and json /
+    # csv on stdout print nothing (not an empty "[]").
+    kept = tmp_path / "captions.txt"
+    kept.write_text("yesterday's captions\n")
+    result = run_cli("caption", tmp_path / "bad.jpg", EXAMPLES / "chelsea.png", "-m", broken, "-o", kept)
+    assert result.exit_code == 3 and kept.read_text() == "yesterday's captions\n"
+    for fmt in ("json", "csv", "jsonl", "text"):
+        result = run_cli("caption", tmp_path / "bad.jpg", EXAMPLES / "chelsea.png", "-m", broken, "--format", fmt)
+        assert result.exit_code == 3 and result.stdout == "", (fmt, result.stdout)
 
 
 def test_chat_loads_the_model_before_the_first_question(tiny_next):

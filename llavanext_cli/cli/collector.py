@@ -29,3 +29,4 @@ def model_loaded() -> None:
 def before_exit() -> None:
     if _deferred:
         gc.freeze()
+        gc.enable()  # a command that loaded no model (inspect-config, a failed load) leaves it as it found it

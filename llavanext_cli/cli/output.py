@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import sys
 from collections.abc import Callable, Iterator
 
@@ -34,21 +35,25 @@ def write_records(run, records: Callable[[Callable[[str], None] | None], Iterato
     streaming = wants_streaming(run, count) and render_text is None
     # A command may draw its own text display on stdout (classify's bars); files keep the plain text lines.
     draw = render_text if run.output is None and run.output_format == "text" and sys.stdout.isatty() else None
-    sink = RecordSink(run.output, run.output_format, many=count + already_done > 1)
+    produced = records(stream_to_stdout if streaming else None)
+    sink = None
     failures = 0
     progress = None
-    if count > 1 and stderr.is_terminal:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        progress = Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
-                            MofNCompleteColumn(), TextColumn("{task.fields[rate]}"), TimeRemainingColumn(),
-                            TextColumn("{task.fields[failed]}"), console=stderr, transient=True)
-        task = progress.add_task("images", total=count, rate="", failed="")
-        progress.start()
     complete = False
-    produced = records(stream_to_stdout if streaming else None)
     try:
-        for record in produced:
+        # The model loads while the first record is made: nothing (not even an empty file, a "[]" or a progress
+        # bar) is written before it, so a checkpoint that fails to load leaves the output as it was.
+        first = next(produced, None)
+        sink = RecordSink(run.output, run.output_format, many=count + already_done > 1)
+        if count > 1 and stderr.is_terminal:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            progress = Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
+                                MofNCompleteColumn(), TextColumn("{task.fields[rate]}"), TimeRemainingColumn(),
+                                TextColumn("{task.fields[failed]}"), console=stderr, transient=True)
+            task = progress.add_task("images", total=count, rate="", failed="")
+            progress.start()
+        for record in itertools.chain([first] if first is not None else [], produced):
             if not is_success(record):
                 failures += 1
                 warn(f"{_describe(record)}: {record['error']}")
@@ -73,5 +78,6 @@ def write_records(run, records: Callable[[Callable[[str], None] | None], Iterato
             close()
         if progress is not None:
             progress.stop()
-        sink.close(complete=complete)
+        if sink is not None:
+            sink.close(complete=complete)
     return EXIT_INPUT_FAILED if failures else 0
