@@ -3,6 +3,7 @@ accelerator that runs out of memory, the batch halved and retried (never an item
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -158,14 +159,25 @@ def _stop_token_ids(checkpoint: Checkpoint) -> set[int]:
 
 def _stop_when_set(event: threading.Event) -> Any:
     """Transformers stopping criteria that end generation for every row once `event` is set."""
+    from transformers import StoppingCriteriaList
+
+    return StoppingCriteriaList([_stop_when_set_class()(event)])
+
+
+@functools.cache
+def _stop_when_set_class() -> type:
+    """The StoppingCriteria class, defined once (transformers is imported lazily, so not at module level)."""
     import torch
-    from transformers import StoppingCriteria, StoppingCriteriaList
+    from transformers import StoppingCriteria
 
     class StopWhenSet(StoppingCriteria):
-        def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
-            return torch.full((input_ids.shape[0],), event.is_set(), dtype=torch.bool, device=input_ids.device)
+        def __init__(self, event: threading.Event) -> None:
+            self.event = event
 
-    return StoppingCriteriaList([StopWhenSet()])
+        def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+            return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+    return StopWhenSet
 
 
 def _CallbackStreamer(tokenizer: Any, on_text: Callable[[str], None]) -> Any:

@@ -5,6 +5,7 @@ share of the inputs into its own shard, merged by the main process at the end.""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -79,17 +80,15 @@ def _execute_sharded(parallel, settings: Settings, jobs: Sequence[Any], job_key,
             run = open_run(settings, None, verbose, compile, limits)
             sink = RecordSink(shard_path(output, parallel.rank), "jsonl", many=True)
             complete = False
-            produced = records_for(run, [job for _, job in mine], None)
-            try:
-                for record in with_index([i for i, _ in mine], produced):
-                    failures += not is_success(record)
-                    sink.write(record)
-                complete = True
-            finally:
-                close = getattr(produced, "close", None)
-                if close is not None:
-                    close()  # the pipeline's threads stop before this process goes on (see write_records)
-                sink.close(complete)
+            # closing(): the pipeline's threads stop before this process goes on (see write_records)
+            with closing(records_for(run, [job for _, job in mine], None)) as produced:
+                try:
+                    for record in with_index([i for i, _ in mine], produced):
+                        failures += not is_success(record)
+                        sink.write(record)
+                    complete = True
+                finally:
+                    sink.close(complete)
         group.wait_for_everyone()
         if parallel.is_main:
             merged = merge_shards(output)

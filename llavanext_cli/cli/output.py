@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import sys
 from collections.abc import Callable, Iterator
+from contextlib import closing
 
 from llavanext_cli.cli.console import stderr, warn
 from llavanext_cli.errors import EXIT_INPUT_FAILED
@@ -35,49 +36,47 @@ def write_records(run, records: Callable[[Callable[[str], None] | None], Iterato
     streaming = wants_streaming(run, count) and render_text is None
     # A command may draw its own text display on stdout (classify's bars); files keep the plain text lines.
     draw = render_text if run.output is None and run.output_format == "text" and sys.stdout.isatty() else None
-    produced = records(stream_to_stdout if streaming else None)
     sink = None
     failures = 0
     progress = None
     complete = False
-    try:
-        # The model loads while the first record is made: nothing (not even an empty file, a "[]" or a progress
-        # bar) is written before it, so a checkpoint that fails to load leaves the output as it was.
-        first = next(produced, None)
-        sink = RecordSink(run.output, run.output_format, many=count + already_done > 1)
-        if count > 1 and stderr.is_terminal:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    # closing(): on Ctrl-C, SIGTERM or an error the pipeline's threads stop before this returns; a thread still
+    # inside the model when the interpreter exits would abort the process instead of exiting with the contract's
+    # code.
+    with closing(records(stream_to_stdout if streaming else None)) as produced:
+        try:
+            # The model loads while the first record is made: nothing (not even an empty file, a "[]" or a
+            # progress bar) is written before it, so a checkpoint that fails to load leaves the output as it was.
+            first = next(produced, None)
+            sink = RecordSink(run.output, run.output_format, many=count + already_done > 1)
+            if count > 1 and stderr.is_terminal:
+                from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-            progress = Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
-                                MofNCompleteColumn(), TextColumn("{task.fields[rate]}"), TimeRemainingColumn(),
-                                TextColumn("{task.fields[failed]}"), console=stderr, transient=True)
-            task = progress.add_task("images", total=count, rate="", failed="")
-            progress.start()
-        for record in itertools.chain([first] if first is not None else [], produced):
-            if not is_success(record):
-                failures += 1
-                warn(f"{_describe(record)}: {record['error']}")
-            if streaming and is_success(record):
-                sys.stdout.write("\n")
-            elif draw is not None:
-                if is_success(record):
-                    draw(record, count + already_done > 1)
-            else:
-                sink.write(record)
+                progress = Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
+                                    MofNCompleteColumn(), TextColumn("{task.fields[rate]}"), TimeRemainingColumn(),
+                                    TextColumn("{task.fields[failed]}"), console=stderr, transient=True)
+                task = progress.add_task("images", total=count, rate="", failed="")
+                progress.start()
+            for record in itertools.chain([first] if first is not None else [], produced):
+                if not is_success(record):
+                    failures += 1
+                    warn(f"{_describe(record)}: {record['error']}")
+                if streaming and is_success(record):
+                    sys.stdout.write("\n")
+                elif draw is not None:
+                    if is_success(record):
+                        draw(record, count + already_done > 1)
+                else:
+                    sink.write(record)
+                if progress is not None:
+                    done = progress.tasks[0].completed + 1
+                    elapsed = progress.tasks[0].elapsed or 0
+                    progress.update(task, advance=1, rate=f"{done / elapsed:.2f} img/s" if elapsed else "",
+                                    failed=f"[red]{failures} failed[/red]" if failures else "")
+            complete = True
+        finally:
             if progress is not None:
-                done = progress.tasks[0].completed + 1
-                elapsed = progress.tasks[0].elapsed or 0
-                progress.update(task, advance=1, rate=f"{done / elapsed:.2f} img/s" if elapsed else "",
-                                failed=f"[red]{failures} failed[/red]" if failures else "")
-        complete = True
-    finally:
-        # Stop the pipeline's threads now (Ctrl-C, SIGTERM, an error): a thread still inside the model when the
-        # interpreter exits would abort the process instead of letting it exit with the contract's code.
-        close = getattr(produced, "close", None)
-        if close is not None:
-            close()
-        if progress is not None:
-            progress.stop()
-        if sink is not None:
-            sink.close(complete=complete)
+                progress.stop()
+            if sink is not None:
+                sink.close(complete=complete)
     return EXIT_INPUT_FAILED if failures else 0
