@@ -16,7 +16,7 @@ except ImportError:  # pragma: no cover
     from click import exceptions as click_exceptions
 
 from llavanext_cli import __version__
-from llavanext_cli.cli import ask, caption, chat, classify, collector, init_model, inspect_config
+from llavanext_cli.cli import ask, caption, chat, classify, collector, init_model, inspect_config, score
 from llavanext_cli.cli.console import print_error, warn
 from llavanext_cli.errors import EXIT_INTERRUPTED, EXIT_SETUP, EXIT_TERMINATED, EXIT_USAGE, LlavaError, Terminated
 
@@ -34,6 +34,7 @@ app.command("classify")(classify.classify)
 app.command("chat")(chat.chat)
 app.command("inspect-config")(inspect_config.inspect_config)
 app.command("init-model")(init_model.init_model)
+app.command("score")(score.score)
 
 
 def _version(value: bool) -> None:
