@@ -58,7 +58,7 @@ def main() -> None:
         from llavanext_cli.loading import configure_library_logging
         from llavanext_cli.prompts import single_image_conversation
         from llavanext_cli.scoring import score_labels
-        from llavanext_cli.session import open_checkpoint
+        from llavanext_cli.checkpoint import open_checkpoint
         from llavanext_cli.settings import load_settings
 
         configure_library_logging(False)

@@ -3,74 +3,46 @@
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from llavanext_cli.checkpoint import Checkpoint
 from llavanext_cli.errors import InputError, UsageError
 from llavanext_cli.generation import GenerationOptions, generate
-from llavanext_cli.images import DEFAULT_URL_MAX_BYTES, DEFAULT_URL_TIMEOUT, load_input_image
+from llavanext_cli.images import ImageFetching
 from llavanext_cli.prompts import single_image_conversation
-from llavanext_cli.records import Record
-from llavanext_cli.session import Checkpoint
-
-_CORE_KEYS = ("image", "images", "prompt", "text", "model", "new_tokens", "seconds", "error")
+from llavanext_cli.records import Answer, Failure, Record, Subject, answer_key
 
 
 @dataclass(frozen=True)
 class PromptJob:
-    """One question about one image, or (`together`) about several images at once."""
+    """One question about one image, or (`subject.together`) about several images at once; `extra` holds the
+    other keys of a --questions line, copied into the record."""
 
-    images: tuple[str, ...]
+    subject: Subject
     prompt: str
-    together: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def subject(self) -> dict[str, Any]:
-        """How the record names its input: `image`, or `images` for a multi-image prompt."""
-        return {"images": list(self.images)} if self.together else {"image": self.images[0]}
-
-    def resume_key(self) -> str:
-        return json.dumps([list(self.images), self.prompt, self.together], ensure_ascii=False)
+    def key(self) -> str:
+        return answer_key(self.subject, self.prompt)
 
 
-def record_resume_key(record: Record) -> str | None:
-    """The key of the job a finished record answered (None for records that are not caption / ask successes)."""
-    if "error" in record or "text" not in record or "prompt" not in record:
-        return None
-    if "images" in record:
-        return json.dumps([list(record["images"]), record["prompt"], True], ensure_ascii=False)
-    return json.dumps([[record.get("image")], record["prompt"], False], ensure_ascii=False)
-
-
-@dataclass(frozen=True)
-class ImageFetching:
-    url_timeout: float = DEFAULT_URL_TIMEOUT
-    url_max_bytes: int = DEFAULT_URL_MAX_BYTES
-
-
-def _error(job: PromptJob, message: str) -> Record:
-    return {**job.subject(), "error": message, **_extra(job)}
-
-
-def _extra(job: PromptJob) -> dict[str, Any]:
-    return {key: value for key, value in job.extra.items() if key not in _CORE_KEYS}
-
-
-def _load_job_images(job: PromptJob, fetching: ImageFetching, draft_edge: int | None = None) -> list[Any]:
+def _load_job_images(job: PromptJob, fetching: ImageFetching, draft_edge: int | None) -> list[Any]:
     images = []
-    for source in job.images:
+    for source in job.subject.images:
         try:
-            images.append(load_input_image(source, fetching.url_timeout, fetching.url_max_bytes, draft_edge))
+            images.append(fetching.load(source, draft_edge))
         except InputError as exc:
-            raise InputError(f"{source}: {exc.message}" if job.together else exc.message) from None
+            raise InputError(f"{source}: {exc.message}" if job.subject.together else exc.message) from None
     return images
 
 
 @dataclass
 class _PreparedBatch:
-    records: dict[int, Record]                       # inputs that failed to load, by job index
+    failed: dict[int, Record]                        # inputs that failed to load, by job index
     ready: list[tuple[int, PromptJob, list[Any]]]    # (job index, job, images)
     prompts: list[str]
     inputs: Any                                      # the processor's tensors, or None
@@ -91,16 +63,16 @@ def answer_jobs(
     Batches group jobs of similar image-token counts; the next batches are loaded and preprocessed in the
     background while the model loads and generates, and `workers` batches are generated at once.
     `on_text` receives the answer as it is generated (one job only)."""
-    import threading
-
-    from llavanext_cli.generation import prepare_inputs
     from llavanext_cli.pipeline import plan_batches, prefetch_depth, run_pipelined, token_counts
+    from llavanext_cli.preprocessing import largest_model_edge, prepare_inputs
 
-    draft_edge = largest_model_edge(checkpoint) if fast_decode else None
+    processor = checkpoint.processor
+    draft_edge = largest_model_edge(processor.image_processor) if fast_decode else None
     on_cpu = checkpoint.device_type == "cpu"
     # On a GPU a little padding costs less than a smaller batch; on a CPU every padded token is paid in full.
     tolerance = 0.0 if on_cpu else 0.1
-    batches = plan_batches(token_counts(checkpoint, [job.images for job in jobs], batch_size), batch_size, tolerance)
+    counts = token_counts(processor, [job.subject.images for job in jobs], batch_size)
+    batches = plan_batches(counts, batch_size, tolerance)
     workers = max(1, min(workers, len(batches)))
     cancelled = threading.Event()
     if on_cpu:  # before any worker thread starts: each thread takes torch's thread count when it first runs
@@ -116,7 +88,7 @@ def answer_jobs(
             try:
                 ready.append((index, job, _load_job_images(job, fetching, draft_edge)))
             except InputError as exc:
-                failed[index] = _error(job, exc.message)
+                failed[index] = Failure(job.subject, exc.message, job.extra)
         prompts = [checkpoint.prompt.format.render(single_image_conversation(job.prompt, len(images)))
                    for _, job, images in ready]
         inputs = prepare_inputs(checkpoint, prompts, [images for _, _, images in ready]) if ready else None
@@ -124,35 +96,17 @@ def answer_jobs(
 
     def run(batch: _PreparedBatch) -> Iterator[tuple[int, Record]]:
         checkpoint.load()  # the weights load on first use: a checkpoint that fails to load writes no record
-        yield from batch.records.items()
+        yield from batch.failed.items()
         if not batch.ready:
             return
         results = generate(checkpoint, batch.prompts, [images for _, _, images in batch.ready], options,
                            on_text=on_text if len(jobs) == 1 else None, inputs=batch.inputs, cancelled=cancelled)
         for (index, job, _), result in zip(batch.ready, results):
-            yield index, {
-                **job.subject(),
-                "prompt": job.prompt,
-                "text": result.text,
-                "model": checkpoint.model_id,
-                "new_tokens": result.new_tokens,
-                "seconds": result.seconds,
-                **_extra(job),
-            }
+            yield index, Answer(job.subject, job.prompt, result.text, checkpoint.model_id, result.new_tokens,
+                                result.seconds, job.extra)
 
     yield from run_pipelined(prepare, run, batches, prefetch=prefetch, workers=workers,
                              depth=prefetch_depth(batch_size, workers), cancelled=cancelled)
-
-
-def largest_model_edge(checkpoint: Checkpoint) -> int:
-    """The longest side, in pixels, that the image processor can use from an image (its largest anyres grid)."""
-    processor = checkpoint.processor.image_processor
-    pinpoints = getattr(processor, "image_grid_pinpoints", None)
-    if pinpoints:
-        return max(max(pair) for pair in pinpoints)
-    size = processor.size
-    get = size.get if isinstance(size, dict) else lambda key, default=None: getattr(size, key, default)
-    return int(get("shortest_edge") or max(get("height") or 0, get("width") or 0) or 336)
 
 
 def read_question_jobs(stream: TextIO, name: str) -> list[PromptJob]:
@@ -177,14 +131,14 @@ def read_question_jobs(stream: TextIO, name: str) -> list[PromptJob]:
         if "image" in item:
             if not isinstance(item["image"], str) or not item["image"]:
                 raise UsageError(f"{where}: \"image\" must be a path or URL string")
-            images, together = (item["image"],), False
+            subject = Subject.of(item["image"])
         else:
             value = item["images"]
             if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
                 raise UsageError(f"{where}: \"images\" must be a non-empty list of paths or URLs")
-            images, together = tuple(value), True
+            subject = Subject(tuple(value), together=True)
         extra = {k: v for k, v in item.items() if k not in ("image", "images", "question")}
-        jobs.append(PromptJob(images, question, together, extra))
+        jobs.append(PromptJob(subject, question, extra))
     if not jobs:
         raise UsageError(f"{name}: no questions")
     return jobs

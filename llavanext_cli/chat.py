@@ -13,12 +13,11 @@ from typing import Any
 
 from PIL import Image
 
-from llavanext_cli.answering import ImageFetching
+from llavanext_cli.checkpoint import Checkpoint
 from llavanext_cli.errors import InputError, UsageError
 from llavanext_cli.generation import GenerationOptions, generate
-from llavanext_cli.images import fetch_url, image_from_bytes, load_image
-from llavanext_cli.inputs import is_url
-from llavanext_cli.session import Checkpoint
+from llavanext_cli.images import ImageFetching, image_from_bytes, is_url, load_image
+from llavanext_cli.preprocessing import prepare_inputs
 
 Message = dict[str, Any]
 
@@ -38,7 +37,7 @@ class _Picture:
 
 def _sha256_of_path(source: str, fetching: ImageFetching) -> tuple[bytes | None, str]:
     if is_url(source):
-        data = fetch_url(source, fetching.url_timeout, fetching.url_max_bytes)
+        data = fetching.fetch(source)
         return data, hashlib.sha256(data).hexdigest()
     try:
         data = Path(source).read_bytes()
@@ -78,10 +77,6 @@ class ChatSession:
         self.pending.append(item)
         return item
 
-    def images_in_play(self) -> list[str]:
-        seen = [item["path"] for message in self.messages for item in _items(message) if item.get("type") == "image"]
-        return seen + [item["path"] for item in self.pending]
-
     # -- turns ----------------------------------------------------------------------------------------------
     def reset(self) -> None:
         self.messages.clear()
@@ -91,42 +86,40 @@ class ChatSession:
         system = [{"role": "system", "content": [{"type": "text", "text": self.system}]}] if self.system else []
         return system + messages
 
-    def _inputs_length(self, messages: list[Message]) -> int:
+    def _prepare(self, messages: list[Message]) -> tuple[str, list[Image.Image], Any]:
+        """The rendered prompt of the whole conversation, its images, and the processor's tensors."""
         prompt = self.checkpoint.prompt.format.render(self._conversation(messages))
         images = [self._pictures[item["path"]].image for m in messages for item in _items(m)
                   if item.get("type") == "image"]
-        inputs = self.checkpoint.processor(images=images or None, text=[prompt], return_tensors="pt")
-        return int(inputs["input_ids"].shape[1])
+        return prompt, images, prepare_inputs(self.checkpoint, [prompt], [images])
 
     def _context_limit(self) -> int | None:
         text = self.checkpoint.config.text_config
         return getattr(text, "max_position_embeddings", None)
 
-    def _fit(self, messages: list[Message]) -> tuple[list[Message], int]:
-        """Drop the oldest exchanges until the prompt and the answer fit the model's context."""
+    def _fit(self, messages: list[Message]) -> tuple[list[Message], int, tuple[str, list[Image.Image], Any]]:
+        """Drop the oldest exchanges until the prompt and the answer fit the model's context; returns the
+        messages kept, how many exchanges were dropped, and the prepared prompt (each turn is prepared once)."""
         limit = self._context_limit()
         dropped = 0
-        if limit is None:
-            return messages, 0
-        while self._inputs_length(messages) + self.options.max_new_tokens > limit:
+        while True:
+            prepared = self._prepare(messages)
+            if limit is None or prepared[2]["input_ids"].shape[1] + self.options.max_new_tokens <= limit:
+                return messages, dropped, prepared
             user_turns = [i for i, m in enumerate(messages) if m["role"] == "user"]
             if len(user_turns) <= 1:
                 raise UsageError(f"this turn alone does not fit the model's context of {limit} tokens",
                                  hint="use fewer or smaller images, a shorter message, or a lower --max-new-tokens")
             messages = messages[user_turns[1]:]
             dropped += 1
-        return messages, dropped
 
     def send(self, text: str, on_text: Callable[[str], None] | None = None) -> ChatReply:
         """Add a user turn (with the pending images), generate the answer from the whole history, keep both.
         If generation is interrupted (KeyboardInterrupt), the history is left as it was before the turn."""
         content = [*self.pending, {"type": "text", "text": text}]
         candidate = [*self.messages, {"role": "user", "content": content}]
-        candidate, dropped = self._fit(candidate)
-        prompt = self.checkpoint.prompt.format.render(self._conversation(candidate))
-        images = [self._pictures[item["path"]].image for m in candidate for item in _items(m)
-                  if item.get("type") == "image"]
-        [result] = generate(self.checkpoint, [prompt], [images], self.options, on_text=on_text)
+        candidate, dropped, (prompt, images, inputs) = self._fit(candidate)
+        [result] = generate(self.checkpoint, [prompt], [images], self.options, on_text=on_text, inputs=inputs)
         candidate.append({"role": "assistant", "content": [{"type": "text", "text": result.text}]})
         self.messages = candidate
         self.pending = []

@@ -12,7 +12,8 @@ from typing import Any
 
 from PIL import Image
 
-from llavanext_cli.session import Checkpoint
+from llavanext_cli.checkpoint import Checkpoint
+from llavanext_cli.preprocessing import prepare_inputs
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,11 @@ class GenerationOptions:
     top_p: float = 1.0
     num_beams: int = 1
     seed: int | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> GenerationOptions:
+        return cls(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature, top_p=settings.top_p,
+                   num_beams=settings.num_beams, seed=settings.seed)
 
     def generate_kwargs(self) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "num_beams": self.num_beams}
@@ -40,51 +46,12 @@ class Generation:
     seconds: float
 
 
-def prepare_inputs(checkpoint: Checkpoint, prompts: Sequence[str], images: Sequence[Sequence[Image.Image]]) -> Any:
-    """The processor's tensors for a batch (CPU work: resizing, tiling, normalising, tokenizing); safe to run in
-    a background thread while the model works on the previous batch."""
-    flat_images = [image for group in images for image in group]
-    skips = identity_image_steps(checkpoint.processor.image_processor) if flat_images else {}
-    return checkpoint.processor(images=flat_images or None, text=list(prompts), padding=True, return_tensors="pt",
-                                **skips)
-
-
-def identity_image_steps(image_processor: Any) -> dict[str, bool]:
-    """The image processor's steps that provably change nothing, to be skipped.
-
-    LLaVA-NeXT's PIL image processor cuts an image into square tiles of the crop size (and scales the whole
-    image to that square), then, tile by tile, resizes each to `size` and centre-crops it to `crop_size`. Where
-    `size` and `crop_size` both are that same square, those two steps return their input unchanged, but each
-    still converts the tile from numpy to a PIL image and back: about a third of the preprocessing time, held
-    under Python's global lock. The tensors are bit for bit the same either way (tested against the processor's
-    own output); any other processor or geometry keeps every step."""
-    if type(image_processor).__name__ != "LlavaNextImageProcessorPil":
-        return {}
-    size, crop = getattr(image_processor, "size", None), getattr(image_processor, "crop_size", None)
-
-    def square(value: Any, key_pairs: tuple[tuple[str, str], ...]) -> int | None:
-        if value is None:
-            return None
-        get = value.get if isinstance(value, dict) else (lambda key: getattr(value, key, None))
-        for first, second in key_pairs:
-            a, b = get(first), get(second)
-            if a and b:
-                return int(a) if a == b else None
-        return None
-
-    edge = square(size, (("height", "width"), ("shortest_edge", "shortest_edge")))
-    crop_edge = square(crop, (("height", "width"),))
-    if edge is None or edge != crop_edge:
-        return {}
-    return {"do_resize": False, "do_center_crop": False}
-
-
 def is_out_of_memory(error: BaseException) -> bool:
-    import torch
+    """An accelerator (or the CPU allocator) ran out of memory: accelerate's test, which knows every backend's
+    message."""
+    from accelerate.utils.memory import should_reduce_batch_size
 
-    kinds = tuple(k for k in (getattr(torch, "OutOfMemoryError", None),
-                              getattr(torch.cuda, "OutOfMemoryError", None)) if k is not None)
-    return isinstance(error, kinds) or (isinstance(error, RuntimeError) and "out of memory" in str(error).lower())
+    return isinstance(error, Exception) and should_reduce_batch_size(error)
 
 
 def generate(
@@ -105,11 +72,10 @@ def generate(
     except Exception as error:
         if not is_out_of_memory(error) or len(prompts) == 1:
             raise
-    # Out of memory on the accelerator: free what we can and do the same items in two halves.
-    import torch
+    # Out of memory: free what the device holds in its cache (CUDA, MPS, ...) and do the same items in two halves.
+    from accelerate.utils.memory import clear_device_cache
 
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    clear_device_cache()
     half = len(prompts) // 2
     return (generate(checkpoint, prompts[:half], images[:half], options, cancelled=cancelled)
             + generate(checkpoint, prompts[half:], images[half:], options, cancelled=cancelled))

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import io
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
+import PIL
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from llavanext_cli.errors import InputError
+
+_PILLOW_DIR = Path(PIL.__file__).resolve().parent
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
@@ -74,9 +78,21 @@ def _open(handle: io.IOBase, name: str, draft_edge: int | None = None) -> Image.
     except UnidentifiedImageError:
         raise InputError("not an image (or a format Pillow cannot read)") from None
     except Exception as exc:
-        # Decoders of hostile bytes fail in many ways (OSError, SyntaxError, struct.error, IndexError, ...):
-        # whatever Pillow raises while decoding, this input cannot be used.
+        # Pillow's readers fail on hostile bytes in many ways (OSError, SyntaxError, struct.error, IndexError,
+        # KeyError, TypeError, ... raised while decoding a frame or seeking to the first one): whatever Pillow
+        # raises, this input cannot be used. An exception raised by the tool's own code is a bug, and stays one.
+        if not _raised_inside_pillow(exc):
+            raise
         raise InputError(f"cannot decode image ({type(exc).__name__}: {exc})") from None
+
+
+def _raised_inside_pillow(exc: BaseException) -> bool:
+    traceback = exc.__traceback__
+    while traceback is not None and traceback.tb_next is not None:
+        traceback = traceback.tb_next
+    if traceback is None:
+        return False
+    return Path(traceback.tb_frame.f_code.co_filename).resolve().is_relative_to(_PILLOW_DIR)
 
 
 DEFAULT_URL_TIMEOUT = 30.0
@@ -114,12 +130,29 @@ def fetch_url(url: str, timeout: float = DEFAULT_URL_TIMEOUT, max_bytes: int = D
     return data
 
 
-def load_input_image(source: str, timeout: float = DEFAULT_URL_TIMEOUT,
-                     max_bytes: int = DEFAULT_URL_MAX_BYTES, draft_edge: int | None = None) -> Image.Image:
-    """An input as the user gave it (a path or an http(s) URL) as an RGB image."""
-    if source.lower().startswith(("http://", "https://")):
-        return image_from_bytes(fetch_url(source, timeout, max_bytes), source)
-    return load_image(source, draft_edge)
+def is_url(text: str) -> bool:
+    return text.lower().startswith(("http://", "https://"))
+
+
+@dataclass(frozen=True)
+class ImageFetching:
+    """How inputs are fetched: the limits on an http(s) URL (seconds a read may wait, bytes it may send)."""
+
+    url_timeout: float = DEFAULT_URL_TIMEOUT
+    url_max_bytes: int = DEFAULT_URL_MAX_BYTES
+
+    @classmethod
+    def from_settings(cls, settings: object) -> ImageFetching:
+        return cls(getattr(settings, "url_timeout"), getattr(settings, "url_max_bytes"))
+
+    def fetch(self, url: str) -> bytes:
+        return fetch_url(url, self.url_timeout, self.url_max_bytes)
+
+    def load(self, source: str, draft_edge: int | None = None) -> Image.Image:
+        """An input as the user gave it (a path or an http(s) URL) as an RGB image."""
+        if is_url(source):
+            return image_from_bytes(self.fetch(source), source)
+        return load_image(source, draft_edge)
 
 
 _TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
@@ -128,7 +161,7 @@ _TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
 def image_size_without_decoding(source: str) -> tuple[int, int] | None:
     """(width, height) as displayed (EXIF rotation applied), read from the header only; None when unknown
     (URLs, unreadable files)."""
-    if source.lower().startswith(("http://", "https://")):
+    if is_url(source):
         return None
     try:
         with Image.open(source) as image:
@@ -136,5 +169,7 @@ def image_size_without_decoding(source: str) -> tuple[int, int] | None:
             if image.getexif().get(0x0112) in _TRANSPOSING_ORIENTATIONS:
                 width, height = height, width
             return width, height
-    except Exception:  # an unreadable input gets its error record when it is really loaded
+    except Exception as exc:  # an unreadable input gets its error record when it is really loaded
+        if not _raised_inside_pillow(exc):
+            raise
         return None

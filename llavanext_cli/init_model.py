@@ -16,9 +16,9 @@ from typing import Any
 import yaml
 
 from llavanext_cli.errors import SetupError, UsageError
-from llavanext_cli.settings import yaml_problem
 from llavanext_cli.loading import SUPPORTED_ARCHITECTURES
 from llavanext_cli.prompts import load_registry
+from llavanext_cli.yamlfile import read_yaml
 
 SPEC_FIELDS = ("architecture", "seed", "dtype", "tokenizer", "chat_template", "vision", "text", "config",
                "image_processor", "init")
@@ -74,14 +74,7 @@ def _check_overrides(defaults: dict[str, Any], overrides: dict[str, Any], prefix
 
 def read_spec(spec_path: Path) -> dict[str, Any]:
     """Read a spec and check its top-level fields; deeper fields are checked against the real config classes."""
-    try:
-        spec = yaml.safe_load(Path(spec_path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UsageError(f"spec file not found: {spec_path}") from None
-    except OSError as exc:
-        raise UsageError(f"cannot read spec {spec_path}: {exc.strerror or exc}") from exc
-    except yaml.YAMLError as exc:
-        raise UsageError(f"{spec_path}: not valid YAML: {yaml_problem(exc)}") from None
+    spec = read_yaml(spec_path, "spec")
     if not isinstance(spec, dict):
         raise UsageError(f"{spec_path}: expected a mapping of spec fields ({', '.join(SPEC_FIELDS)})")
     for key in spec:

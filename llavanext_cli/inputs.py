@@ -11,17 +11,13 @@ from pathlib import Path
 from typing import TextIO
 
 from llavanext_cli.errors import UsageError
-from llavanext_cli.images import IMAGE_EXTENSIONS
+from llavanext_cli.images import IMAGE_EXTENSIONS, is_url
 
 _GLOB_CHARS = set("*?[")
 
 
 class InputWarning(UserWarning):
     """Something about the inputs the user should hear of (the CLI shows it on stderr)."""
-
-
-def is_url(text: str) -> bool:
-    return text.lower().startswith(("http://", "https://"))
 
 
 def _directory_images(directory: Path, recursive: bool, shown: str) -> list[str]:

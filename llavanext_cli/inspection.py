@@ -7,7 +7,7 @@ from typing import Any
 from llavanext_cli.errors import LlavaError, SetupError
 from llavanext_cli.loading import UNQUANTIZED_MODULES, is_local_checkpoint, load_config, load_processor
 from llavanext_cli.prompts import load_registry, match_model_id, resolve_prompt_format, single_image_conversation
-from llavanext_cli.session import choose_prompt_format
+from llavanext_cli.checkpoint import choose_prompt_format
 
 DEFAULT_INSPECT_PROMPT = "What is shown in this image?"
 _VISION_KEYS = ("model_type", "image_size", "patch_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
@@ -19,20 +19,13 @@ _BYTES_PER_PARAMETER = {"float32": 4, "float16": 2, "bfloat16": 2}
 # Room left on each GPU beyond the weights: activations, the KV cache of a few 2,000-token prompts, the CUDA
 # context. A rule of thumb for planning, not a guarantee.
 GPU_HEADROOM = 1.2
-_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
-          "tib": 2**40}
 
 
 def parse_memory(text: str) -> int:
     """'80GiB' -> bytes."""
-    import re
+    from llavanext_cli.loading import memory_size
 
-    from llavanext_cli.errors import UsageError
-
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b|b)\s*", text.lower())
-    if not match:
-        raise UsageError(f"--gpu-memory must be an amount such as 80GiB or 141GB, not {text!r}")
-    return int(float(match.group(1)) * _UNITS[match.group(2)])
+    return memory_size(text, "--gpu-memory")
 
 
 def gpus_needed(memory: dict[str, int], gpu_bytes: int) -> dict[str, int]:

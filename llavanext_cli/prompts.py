@@ -12,11 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-import yaml
-
 from llavanext_cli.errors import SetupError, UsageError
-from llavanext_cli.settings import yaml_problem
 from llavanext_cli.resources import prompts_dir
+from llavanext_cli.yamlfile import read_yaml
 
 Message = dict[str, Any]
 
@@ -136,12 +134,7 @@ def _fail(path: Path, field: str, problem: str) -> UsageError:
 
 def load_prompt_format(path: Path) -> PromptFormat:
     """Read and validate one format file; errors name the file and the field."""
-    try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise SetupError(f"cannot read prompt format {path}: {exc.strerror or exc}") from exc
-    except yaml.YAMLError as exc:
-        raise UsageError(f"{path}: not valid YAML: {yaml_problem(exc)}") from None
+    data = read_yaml(path, "prompt format")
     if not isinstance(data, dict):
         raise UsageError(f"{path}: expected a mapping of prompt-format fields")
     unknown = sorted(set(map(str, data)) - set(_ALL_FIELDS))

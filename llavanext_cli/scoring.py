@@ -9,16 +9,17 @@ forward pass on top of it.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from PIL import Image
 
-from llavanext_cli.errors import UsageError
+from llavanext_cli.checkpoint import Checkpoint
+from llavanext_cli.errors import InputError, UsageError
+from llavanext_cli.images import ImageFetching
 from llavanext_cli.prompts import single_image_conversation
-from llavanext_cli.session import Checkpoint
+from llavanext_cli.records import Classification, Failure, Record, Subject, classification_key
 
 # Label rows scored per forward pass on top of one prompt (bounds the expanded KV cache and the logits).
 MAX_LABEL_ROWS = 64
@@ -56,7 +57,16 @@ def scored_text(prompt: str, label: str) -> str:
 class LabelScores:
     label: str
     scores: dict[str, float]          # probability per label, in the order given
-    log_scores: dict[str, float]      # the summed (or mean) log-probabilities before the softmax
+
+
+@dataclass(frozen=True)
+class LabelJob:
+    """One image to classify."""
+
+    subject: Subject
+
+    def key(self) -> str:
+        return classification_key(self.subject)
 
 
 def label_continuations(tokenizer: Any, prompt: str, labels: Sequence[str]) -> list[list[int]]:
@@ -79,13 +89,6 @@ class _BoundaryMerge(Exception):
         self.label = label
 
 
-def softmax(values: Sequence[float]) -> list[float]:
-    top = max(values)
-    exps = [math.exp(v - top) for v in values]
-    total = sum(exps)
-    return [e / total for e in exps]
-
-
 def score_labels(
     checkpoint: Checkpoint,
     images: Sequence[Image.Image],
@@ -106,7 +109,7 @@ def score_labels(
         raise UsageError(f"label {merge.label!r} merges with the end of the prompt when tokenized",
                          hint="end the prompt with a space or punctuation, or change the label") from None
 
-    from llavanext_cli.generation import prepare_inputs
+    from llavanext_cli.preprocessing import prepare_inputs
 
     inputs = prepare_inputs(checkpoint, [prompt] * len(images), [[image] for image in images])
     inputs = inputs.to(model.device)
@@ -136,11 +139,9 @@ def score_labels(
     if normalize == "mean":
         totals = totals / lengths
     results = []
-    for row in totals.tolist():
-        probabilities = softmax(row)
+    for probabilities in totals.softmax(dim=-1).tolist():
         best = max(range(len(labels)), key=lambda i: probabilities[i])
-        results.append(LabelScores(label=labels[best], scores=dict(zip(labels, probabilities)),
-                                   log_scores=dict(zip(labels, row))))
+        results.append(LabelScores(label=labels[best], scores=dict(zip(labels, probabilities))))
     return results
 
 
@@ -183,34 +184,27 @@ def _continuation_log_probs(model: Any, prompt_cache: Any, prompt_mask: Any, pro
 
 def classify_inputs(
     checkpoint: Checkpoint,
-    sources: Sequence[str],
+    jobs: Sequence[LabelJob],
     question: str,
     labels: Sequence[str],
     normalize: str = "sum",
     batch_size: int = 1,
-    fetching: Any = None,
-) -> Any:
-    """One record per input, in order: `{"image", "label", "scores", "model"}`, or an error record."""
-    from llavanext_cli.answering import ImageFetching
-    from llavanext_cli.errors import InputError
-    from llavanext_cli.images import load_input_image
-
-    fetching = fetching or ImageFetching()
+    fetching: ImageFetching = ImageFetching(),
+) -> Iterator[Record]:
+    """One record per job, in order: a Classification, or a Failure for an image that cannot be read."""
     checkpoint.load()  # before any record: a checkpoint that fails to load writes none
-    for start in range(0, len(sources), batch_size):
-        batch = sources[start:start + batch_size]
-        records: list[dict[str, Any] | None] = []
-        ready: list[tuple[int, str, Image.Image]] = []
-        for source in batch:
+    for start in range(0, len(jobs), batch_size):
+        batch = jobs[start:start + batch_size]
+        records: list[Record | None] = []
+        ready: list[tuple[int, LabelJob, Image.Image]] = []
+        for job in batch:
             try:
-                ready.append((len(records), source, load_input_image(source, fetching.url_timeout,
-                                                                     fetching.url_max_bytes)))
+                ready.append((len(records), job, fetching.load(job.subject.images[0])))
                 records.append(None)
             except InputError as exc:
-                records.append({"image": source, "error": exc.message})
+                records.append(Failure(job.subject, exc.message))
         if ready:
             results = score_labels(checkpoint, [image for _, _, image in ready], question, labels, normalize)
-            for (index, source, _), result in zip(ready, results):
-                records[index] = {"image": source, "label": result.label, "scores": result.scores,
-                                  "model": checkpoint.model_id}
+            for (index, job, _), result in zip(ready, results):
+                records[index] = Classification(job.subject, result.label, result.scores, checkpoint.model_id)
         yield from (record for record in records if record is not None)

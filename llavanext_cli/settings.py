@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import os
 import re
-import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from llavanext_cli.errors import SetupError, UsageError
 from llavanext_cli.resources import configs_dir
+from llavanext_cli.yamlfile import read_yaml
 
 DTYPES = ("auto", "float16", "bfloat16", "float32")
 QUANTS = ("none", "4bit", "8bit")
@@ -37,6 +35,13 @@ class _Spec:
     maximum: float | None = None
     pattern: re.Pattern[str] | None = None
     describe: str = ""
+    check: Callable[[Any, str], None] | None = None  # a deeper check of the value (raises UsageError)
+
+
+def _check_max_memory(value: str, source: str) -> None:
+    from llavanext_cli.loading import parse_max_memory
+
+    parse_max_memory(value, source)
 
 
 _SPECS: dict[str, _Spec] = {
@@ -61,6 +66,9 @@ _SPECS: dict[str, _Spec] = {
     "caption_prompt": _Spec(str),
     "classify_prompt": _Spec(str),
     "normalize": _Spec(str, choices=NORMALIZATIONS),
+    "fast_decode": _Spec(bool),
+    "compile": _Spec(bool),
+    "max_memory": _Spec(str, nullable=True, check=_check_max_memory),
 }
 
 SETTING_NAMES: tuple[str, ...] = tuple(_SPECS)
@@ -96,24 +104,13 @@ class Settings:
     caption_prompt: str
     classify_prompt: str
     normalize: str
+    fast_decode: bool
+    compile: bool
+    max_memory: str | None
     sources: dict[str, str] = field(default_factory=dict, compare=False)
 
     def as_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in SETTING_NAMES}
-
-
-def user_config_path(env: Mapping[str, str] | None = None) -> Path:
-    """`$LLAVA_HOME/config.yaml`, else the platform's per-user config directory."""
-    env = os.environ if env is None else env
-    if env.get("LLAVA_HOME"):
-        return Path(env["LLAVA_HOME"]).expanduser() / "config.yaml"
-    if sys.platform == "win32":
-        base = Path(env.get("APPDATA") or Path.home() / "AppData" / "Roaming")
-    elif sys.platform == "darwin":
-        base = Path.home() / "Library" / "Application Support"
-    else:
-        base = Path(env.get("XDG_CONFIG_HOME") or Path.home() / ".config")
-    return base / "llava" / "config.yaml"
 
 
 def validate_value(key: str, value: Any, source: str) -> Any:
@@ -149,6 +146,8 @@ def validate_value(key: str, value: Any, source: str) -> Any:
         raise UsageError(f"{source}: '{key}' must be at most {spec.maximum:g}, not {value!r}")
     if spec.kind is str and key in ("model",) and not value.strip():
         raise UsageError(f"{source}: '{key}' must not be empty")
+    if spec.check is not None:
+        spec.check(value, source)
     return value
 
 
@@ -175,25 +174,11 @@ def _parse_env_value(key: str, raw: str, source: str) -> Any:
     return raw
 
 
-def yaml_problem(exc: yaml.YAMLError) -> str:
-    """A YAML error in one line: 'line L, column C: problem'."""
-    mark = getattr(exc, "problem_mark", None)
-    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark is not None else problem
-
-
 def read_config_file(path: Path, *, required: bool) -> dict[str, Any]:
     """Read and validate one settings file; {} when it does not exist and is not required."""
-    if not path.exists():
-        if required:
-            raise SetupError(f"config file not found: {path}")
+    if not path.exists() and not required:
         return {}
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SetupError(f"cannot read config file {path}: {exc}") from exc
-    except yaml.YAMLError as exc:
-        raise SetupError(f"config file {path} is not valid YAML: {yaml_problem(exc)}") from None
+    data = read_yaml(path, "config file")
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -205,8 +190,10 @@ def load_settings(
     flags: Mapping[str, Any] | None = None,
     config_file: Path | None = None,
     env: Mapping[str, str] | None = None,
+    user_config: Path | None = None,
 ) -> Settings:
-    """Resolve every setting through the layers. `flags` holds only the flags the user gave (None = not given)."""
+    """Resolve every setting through the layers. `flags` holds only the flags the user gave (None = not given);
+    `user_config` is the user's own settings file (read when it exists)."""
     env = os.environ if env is None else env
     default_path = configs_dir() / "default.yaml"
     values = read_config_file(default_path, required=True)
@@ -216,8 +203,8 @@ def load_settings(
     sources = {key: "default" for key in values}
 
     layers: list[tuple[str, dict[str, Any]]] = []
-    user_path = user_config_path(env)
-    layers.append((str(user_path), read_config_file(user_path, required=False)))
+    if user_config is not None:
+        layers.append((str(user_config), read_config_file(user_config, required=False)))
     if config_file is not None:
         layers.append((str(config_file), read_config_file(Path(config_file), required=True)))
     for source, layer in layers:

@@ -1,31 +1,31 @@
 """Data-parallel runs under `accelerate launch` / `torchrun`: each process takes every N-th input, writes its
 records to its own shard file as it goes, and the main process merges the shards into the output, in input
-order, once every process is done. A run that was not launched that way is untouched by this module."""
+order, once every process is done. A run that was not launched that way is untouched by this module.
+
+Whether a run is one of several is read from the launcher's environment (cheap, before anything loads); the
+process group itself (rank, world size, the barrier) is accelerate's `PartialState`."""
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from llavanext_cli.errors import UsageError
 
-T = TypeVar("T")
 INDEX_KEY = "_index"  # a shard record's position among the run's inputs; removed when merged
 
 
 @dataclass(frozen=True)
 class DataParallel:
+    """This process's place among the launcher's processes, as the launcher's environment states it."""
+
     rank: int
     world_size: int
     local_rank: int
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
 
 
 def data_parallel_from_env(env: dict[str, str] | None = None) -> DataParallel | None:
@@ -51,14 +51,16 @@ def existing_shards(output: Path) -> list[Path]:
     return sorted(output.parent.glob(f"{output.name}.rank*.part"))
 
 
-def is_mine(index: int, parallel: DataParallel) -> bool:
+def is_mine(index: int, parallel: DataParallel | ProcessGroup) -> bool:
     """Input `index` of the whole command belongs to exactly one process: every world_size-th, from its rank."""
     return index % parallel.world_size == parallel.rank
 
 
-def with_index(indices: Sequence[int], records: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    for index, record in zip(indices, records):
-        yield {INDEX_KEY: index, **record}
+def shard_shape(indices: Iterable[int]) -> Callable[[Any], dict[str, Any]]:
+    """The JSON of a shard's records, which come in the order of `indices`: each carries its input's position among
+    the whole run's inputs, for the merge."""
+    positions = iter(indices)
+    return lambda record: {INDEX_KEY: next(positions), **record.to_json()}
 
 
 def read_shard_records(path: Path) -> list[dict[str, Any]]:
@@ -101,18 +103,30 @@ def require_jsonl_output(output: Path | None, fmt: str) -> Path:
 
 
 class ProcessGroup:
-    """The launcher's processes, for waiting on each other (gloo works on CPUs and GPUs alike)."""
+    """The launcher's processes joined in one group (accelerate's PartialState: gloo on CPUs, nccl on GPUs), for
+    the rank, the world size and waiting on each other."""
 
-    def __init__(self, parallel: DataParallel):
-        import torch.distributed as dist
+    def __init__(self) -> None:
+        import torch
+        from accelerate import PartialState
 
-        self.dist = dist
-        if not dist.is_initialized():
-            dist.init_process_group("gloo", rank=parallel.rank, world_size=parallel.world_size)
+        # Without CUDA, PartialState must be told it is a CPU run, or it would take the launch for a single process.
+        self._state = PartialState(cpu=not torch.cuda.is_available())
+
+    @property
+    def rank(self) -> int:
+        return self._state.process_index
+
+    @property
+    def world_size(self) -> int:
+        return self._state.num_processes
+
+    @property
+    def is_main(self) -> bool:
+        return self._state.is_main_process
 
     def wait_for_everyone(self) -> None:
-        self.dist.barrier()
+        self._state.wait_for_everyone()
 
     def close(self) -> None:
-        if self.dist.is_initialized():
-            self.dist.destroy_process_group()
+        self._state.destroy_process_group()

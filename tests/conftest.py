@@ -1,21 +1,60 @@
 """Shared fixtures: tiny real checkpoints built once per session with `llava init-model`, an isolated user config,
-and a helper that runs the real CLI in-process (subprocess where the process itself is under test)."""
+a helper that runs the real CLI in-process (subprocess where the process itself is under test), and plain
+transformers, the way the seeds use it, for the tool's answers to be compared with.
+
+The suite runs on the CPU wherever it runs: a GPU host's GPUs are hidden from it (and from the processes it
+starts), except from the tests marked `gpu`, which run the CUDA paths in processes of their own
+(`pytest -m gpu`)."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import os
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
 TEST_IMAGES = Path(__file__).resolve().parent / "data" / "images"  # copied from shared/images (public domain)
+
+# Before torch is imported anywhere: CUDA reads this once, when it first initialises.
+_VISIBLE_GPUS = os.environ.get("CUDA_VISIBLE_DEVICES")
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
+# The workers a run uses unless told otherwise, whatever the host's cores (auto is 2 on a CPU of 2 or more).
+TEST_WORKERS = "2"
+
+
+def gpu_environment() -> dict[str, str]:
+    """The environment for a process that may use the host's GPUs (the `gpu` tests), with the default workers
+    (more than one is a CPU setting)."""
+    env = dict(os.environ)
+    env.pop("LLAVA_WORKERS", None)
+    if _VISIBLE_GPUS is None:
+        env.pop("CUDA_VISIBLE_DEVICES", None)
+    else:
+        env["CUDA_VISIBLE_DEVICES"] = _VISIBLE_GPUS
+    return env
+
+
+@functools.cache
+def cuda_is_available() -> bool:
+    """Whether a process with the host's GPUs visible has CUDA (asked once, in a process of its own)."""
+    probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.is_available())"],
+                           capture_output=True, text=True, env=gpu_environment(), timeout=300)
+    return probe.stdout.strip() == "True"
+
+
+@pytest.fixture(autouse=True)
+def gpu_tests_need_cuda(request):
+    if request.node.get_closest_marker("gpu") is not None and not cuda_is_available():
+        pytest.skip("needs a CUDA GPU")
 
 
 @dataclass
@@ -71,6 +110,7 @@ def isolated_environment(tmp_path_factory, monkeypatch):
             monkeypatch.delenv(name)
     home = tmp_path_factory.mktemp("llava-home")
     monkeypatch.setenv("LLAVA_HOME", str(home))
+    monkeypatch.setenv("LLAVA_WORKERS", TEST_WORKERS)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path_factory.getbasetemp() / "hf-home"))
     yield home
@@ -99,11 +139,12 @@ def tiny_llava(checkpoints_dir) -> Path:
     return _build("tiny-llava.yaml", checkpoints_dir / "tiny-llava")
 
 
-@pytest.fixture(scope="session")
-def hf_reference():
-    """Plain transformers, written the way the seeds do it, for the tool's output to be compared with."""
+class PlainTransformers:
+    """Plain transformers, written the way the seeds do it, for the tool's output to be compared with: each
+    checkpoint loaded once (float32, eval, left padding)."""
 
-    def load(path: Path):
+    @functools.cache
+    def __call__(self, path: Path) -> tuple[Any, Any]:
         import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -112,4 +153,22 @@ def hf_reference():
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
         return processor, model
 
-    return load
+    def answer(self, path: Path, prompt: str, images: list[Any], max_new_tokens: int, **generate: Any) -> str:
+        """The seeds' way: the rendered prompt and its images through the processor, `generate` (greedy unless
+        told otherwise), the new tokens decoded with special tokens skipped. `images` are paths or PIL images,
+        loaded the contract's way."""
+        import torch
+
+        from llavanext_cli.images import load_image
+
+        processor, model = self(Path(path))
+        pictures = [image if hasattr(image, "size") else load_image(image) for image in images]
+        inputs = processor(images=pictures or None, text=prompt, return_tensors="pt")
+        with torch.inference_mode():
+            output = model.generate(**inputs, max_new_tokens=max_new_tokens, **{"do_sample": False, **generate})
+        return processor.decode(output[0, inputs.input_ids.shape[1]:], skip_special_tokens=True).strip()
+
+
+@pytest.fixture(scope="session")
+def hf_reference() -> PlainTransformers:
+    return PlainTransformers()

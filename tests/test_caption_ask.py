@@ -37,20 +37,9 @@ def mixed_folder(tmp_path_factory):
     return folder
 
 
-def reference_answers(hf_reference, checkpoint, paths, rendered, max_new_tokens):
+def reference_answers(hf_reference, checkpoint, paths, rendered, max_new_tokens, **generate):
     """One image at a time, the way the seeds' snippets do it (with the contract's image loading)."""
-    import torch
-
-    from llavanext_cli.images import load_image
-
-    processor, model = hf_reference(checkpoint)
-    answers = []
-    for path in paths:
-        inputs = processor(images=load_image(path), text=rendered, return_tensors="pt")
-        with torch.inference_mode():
-            output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-        answers.append(processor.decode(output[0, inputs.input_ids.shape[1]:], skip_special_tokens=True).strip())
-    return answers
+    return [hf_reference.answer(checkpoint, rendered, [path], max_new_tokens, **generate) for path in paths]
 
 
 @pytest.mark.parametrize("fixture", ["tiny_next", "tiny_llava"])
@@ -194,25 +183,27 @@ def test_resume_completes_the_set_without_duplicates(tiny_next, tmp_path):
     assert run_cli("caption", *inputs, "-m", tiny_next, "-o", tmp_path / "x.csv", "--resume").exit_code == 2
 
 
-def test_generation_flags(tiny_next):
+def test_generation_flags(tiny_next, hf_reference, monkeypatch):
+    monkeypatch.delenv("LLAVA_WORKERS")  # auto: one worker when sampling is seeded
     base = ("caption", EXAMPLES / "chelsea.png", "-m", tiny_next, "--format", "jsonl")
     [short] = records_of(run_cli(*base, "--max-new-tokens", "3"))
-    assert short["new_tokens"] <= 3 and short["seconds"] >= 0
+    [longer] = records_of(run_cli(*base, "--max-new-tokens", "9"))
+    assert short["new_tokens"] == 3 and longer["new_tokens"] == 9  # the random model never stops by itself
+    assert longer["text"].startswith(short["text"]) and len(longer["text"]) > len(short["text"])
+    assert 0 < short["seconds"] < 60
     sample = ("--temperature", "1.5", "--top-p", "0.9", "--max-new-tokens", "8")
     first = records_of(run_cli(*base, *sample, "--seed", "1"))[0]["text"]
     assert records_of(run_cli(*base, *sample, "--seed", "1"))[0]["text"] == first
     others = {records_of(run_cli(*base, *sample, "--seed", str(seed)))[0]["text"] for seed in (2, 3, 4)}
     assert others - {first}
-    beams = run_cli(*base, "--num-beams", "2", "--max-new-tokens", "4")
-    assert beams.exit_code == 0, beams.stderr
+    [beams] = records_of(run_cli(*base, "--num-beams", "3", "--max-new-tokens", "8"))
+    rendered = "[INST] <image>\nDescribe this image in detail. [/INST]"  # the default prompt
+    assert beams["text"] == hf_reference.answer(tiny_next, rendered, [EXAMPLES / "chelsea.png"], 8, num_beams=3)
+    assert beams["text"] != hf_reference.answer(tiny_next, rendered, [EXAMPLES / "chelsea.png"], 8)  # not greedy
     assert run_cli(*base, "--temperature", "-1").exit_code == 2
 
 
 def test_ask_each_and_together(tiny_next, hf_reference):
-    import torch
-
-    from llavanext_cli.images import load_image
-
     images = [EXAMPLES / "chelsea.png", EXAMPLES / "rocket.jpg"]
     each = records_of(run_cli("ask", *images, "-q", "What colour?", "-m", tiny_next, "--max-new-tokens", "5",
                               "--format", "jsonl"))
@@ -222,12 +213,8 @@ def test_ask_each_and_together(tiny_next, hf_reference):
     [together] = records_of(run_cli("ask", *images, "--together", "-q", "Which is older?", "-m", tiny_next,
                                     "--max-new-tokens", "5", "--format", "jsonl"))
     assert together["images"] == [str(p) for p in images] and "image" not in together
-    processor, model = hf_reference(tiny_next)
-    inputs = processor(images=[load_image(p) for p in images],
-                       text="[INST] <image>\n<image>\nWhich is older? [/INST]", return_tensors="pt")
-    with torch.inference_mode():
-        output = model.generate(**inputs, max_new_tokens=5, do_sample=False)
-    assert together["text"] == processor.decode(output[0, inputs.input_ids.shape[1]:], skip_special_tokens=True).strip()
+    assert together["text"] == hf_reference.answer(tiny_next, "[INST] <image>\n<image>\nWhich is older? [/INST]",
+                                                   images, 5)
 
 
 def test_ask_questions_file(tiny_next, tmp_path):
@@ -303,17 +290,18 @@ def test_plan_batches_groups_equal_token_counts_and_keeps_every_input():
 
 def test_prefetch_matches_no_prefetch_and_fast_decode_runs(tiny_next, mixed_folder):
     from llavanext_cli.answering import PromptJob, answer_jobs
+    from llavanext_cli.checkpoint import open_checkpoint
     from llavanext_cli.generation import GenerationOptions
-    from llavanext_cli.session import open_checkpoint
+    from llavanext_cli.records import Subject
     from llavanext_cli.settings import load_settings
 
     checkpoint = open_checkpoint(load_settings({"model": str(tiny_next)}, env={}))
-    jobs = [PromptJob((str(p),), PROMPT) for p in sorted(mixed_folder.iterdir())]
+    jobs = [PromptJob(Subject.of(str(p)), PROMPT) for p in sorted(mixed_folder.iterdir())]
     options = GenerationOptions(max_new_tokens=4)
     plain = list(answer_jobs(checkpoint, jobs, options, batch_size=2, prefetch=False))
     ahead = list(answer_jobs(checkpoint, jobs, options, batch_size=2, prefetch=True))
-    assert [r["text"] for r in plain] == [r["text"] for r in ahead]
-    assert [r["image"] for r in ahead] == [job.images[0] for job in jobs]
+    assert [r.text for r in plain] == [r.text for r in ahead]
+    assert [r.subject for r in ahead] == [job.subject for job in jobs]
     result = run_cli("caption", mixed_folder, "-m", tiny_next, "--max-new-tokens", "3", "--fast-decode",
                      "--format", "jsonl")
     assert result.exit_code == 0 and len(result.stdout.splitlines()) == len(jobs)
@@ -338,14 +326,15 @@ def test_out_of_memory_halves_the_batch_and_drops_nothing(tiny_next, mixed_folde
     import torch
 
     from llavanext_cli.answering import PromptJob, answer_jobs
+    from llavanext_cli.checkpoint import open_checkpoint
     from llavanext_cli.generation import GenerationOptions
-    from llavanext_cli.session import open_checkpoint
+    from llavanext_cli.records import Subject
     from llavanext_cli.settings import load_settings
 
     checkpoint = open_checkpoint(load_settings({"model": str(tiny_next)}, env={}))
-    jobs = [PromptJob((str(p),), PROMPT) for p in sorted(mixed_folder.iterdir())]
+    jobs = [PromptJob(Subject.of(str(p)), PROMPT) for p in sorted(mixed_folder.iterdir())]
     options = GenerationOptions(max_new_tokens=4)
-    expected = [r["text"] for r in answer_jobs(checkpoint, jobs, options, batch_size=1)]
+    expected = [r.text for r in answer_jobs(checkpoint, jobs, options, batch_size=1)]
     real_generate = checkpoint.model.generate
     sizes = []
 
@@ -357,10 +346,10 @@ def test_out_of_memory_halves_the_batch_and_drops_nothing(tiny_next, mixed_folde
 
     checkpoint.model.generate = flaky_generate
     # Equal token counts make real batches: give every job the same image.
-    same = [PromptJob((str(mixed_folder / "chelsea.png"),), PROMPT)] * 4
+    same = [PromptJob(Subject.of(str(mixed_folder / "chelsea.png")), PROMPT)] * 4
     records = list(answer_jobs(checkpoint, jobs + same, options, batch_size=4))
-    assert [r["text"] for r in records[:len(jobs)]] == expected
-    assert len(records) == len(jobs) + 4 and all("text" in r for r in records)
+    assert [r.text for r in records[:len(jobs)]] == expected
+    assert len(records) == len(jobs) + 4 and all(r.ok for r in records)
     assert max(sizes) > 1  # a real batch was tried, failed, and was split
 
 

@@ -9,18 +9,6 @@ import pytest
 from conftest import EXAMPLES, run_cli
 
 
-def reference_caption(hf_reference, checkpoint, image_path, prompt, max_new_tokens):
-    import torch
-    from PIL import Image
-
-    processor, model = hf_reference(checkpoint)
-    image = Image.open(image_path).convert("RGB")
-    inputs = processor(images=image, text=prompt, return_tensors="pt")
-    with torch.inference_mode():
-        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    return processor.decode(output[0, inputs.input_ids.shape[1]:], skip_special_tokens=True).strip()
-
-
 @pytest.mark.parametrize("fixture,rendered", [
     ("tiny_next", "[INST] <image>\nWhat is shown in this image? [/INST]"),
     ("tiny_llava", "USER: <image>\nWhat is shown in this image? ASSISTANT:"),
@@ -32,7 +20,7 @@ def test_caption_equals_plain_transformers(request, hf_reference, fixture, rende
                      "--max-new-tokens", "10", "--format", "json")
     assert result.exit_code == 0, result.stderr
     [record] = json.loads(result.stdout)
-    assert record["text"] == reference_caption(hf_reference, checkpoint, image, rendered, 10)
+    assert record["text"] == hf_reference.answer(checkpoint, rendered, [image], 10)
     assert record["image"] == str(image) and record["model"] == str(checkpoint)
     assert record["prompt"] == "What is shown in this image?" and 1 <= record["new_tokens"] <= 10
 

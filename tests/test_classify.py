@@ -84,7 +84,7 @@ def test_each_image_is_encoded_once(tiny_next):
     from llavanext_cli.images import load_image
     from llavanext_cli.loading import configure_library_logging
     from llavanext_cli.scoring import score_labels
-    from llavanext_cli.session import open_checkpoint
+    from llavanext_cli.checkpoint import open_checkpoint
     from llavanext_cli.settings import load_settings
 
     configure_library_logging(False)

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import EXAMPLES, REPO, run_llava_process
+from conftest import EXAMPLES, REPO, folder_of_examples, run_llava_process
 
-COMMANDS = ["caption", "inspect-config", "init-model"]
+COMMANDS = ["caption", "ask", "classify", "chat", "inspect-config", "init-model", "score"]
 
 
 @pytest.mark.parametrize("args", [["--help"]] + [[command, "--help"] for command in COMMANDS])
@@ -68,10 +68,14 @@ def test_llava_debug_keeps_the_exit_code(tmp_path):
     assert result.returncode == 3 and "Traceback" in result.stderr and "Error:" in result.stderr
 
 
-def test_closed_pipe_is_quiet():
-    result = subprocess.run(f"{sys.executable} -m llavanext_cli --help | head -c 10", shell=True,
-                            capture_output=True, text=True, cwd=str(REPO))
-    assert "Traceback" not in result.stderr and "Error" not in result.stderr
+def test_closed_pipe_is_quiet(tiny_next, tmp_path):
+    """The reader goes away after one line while the run still has records to write: no traceback, exit 0."""
+    folder = folder_of_examples(tmp_path / "many", 12)
+    command = (f"set -o pipefail; {sys.executable} -m llavanext_cli caption {folder} -m {tiny_next} "
+               f"--max-new-tokens 2 --format jsonl | head -n 1")
+    result = subprocess.run(["bash", "-c", command], capture_output=True, text=True, cwd=str(REPO), timeout=300)
+    assert len(result.stdout.splitlines()) == 1
+    assert result.returncode == 0 and result.stderr == "", result.stderr
 
 
 def test_unwritable_output_is_one_line(tmp_path):
@@ -99,3 +103,118 @@ def test_non_finite_numbers_and_misplaced_quant_type(tmp_path):
     assert run_llava_process("caption", EXAMPLES / "chelsea.png", "--config", config).returncode == 2
     result = run_llava_process("caption", EXAMPLES / "chelsea.png", env={"LLAVA_QUANT_TYPE": "fp4"})
     assert result.returncode == 2 and "LLAVA_QUANT_TYPE" in result.stderr
+
+
+def _command_function(name: str):
+    import typer.main
+
+    from llavanext_cli.cli.main import app
+
+    return typer.main.get_command(app).commands[name]
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_every_help_string_is_shown_as_written(name):
+    """Typer renders help as rich markup: text in square brackets would vanish. Every option's and argument's help,
+    and every example, appears in `--help` as written."""
+    import re
+
+    command = _command_function(name)
+    result = subprocess.run([sys.executable, "-m", "llavanext_cli", name, "--help"], capture_output=True, text=True,
+                            cwd=str(REPO), env={**__import__("os").environ, "COLUMNS": "1000"})
+    assert result.returncode == 0, result.stderr
+    shown = " ".join(re.sub("[│╭╮╰╯─]", " ", result.stdout).split())
+    texts = [param.help for param in command.params if getattr(param, "help", None)]
+    texts += [line.strip() for line in (command.help or "").splitlines() if line.strip().startswith("llava ")]
+    assert texts
+    for text in texts:
+        assert " ".join(text.split()) in shown, text
+
+
+def test_model_flags_refuse_a_parameter_that_is_neither_a_setting_nor_a_command_parameter():
+    from llavanext_cli.cli.options import model_flags
+
+    assert model_flags({"max_new_tokens": 3, "output_format": "csv", "images": ["x"], "verbose": False,
+                        "compile": None}) == {"max_new_tokens": 3, "format": "csv"}
+    with pytest.raises(RuntimeError, match="max_new_tokns"):
+        model_flags({"max_new_tokns": 3})
+
+
+@pytest.mark.parametrize("name", ["caption", "ask", "classify", "chat"])
+def test_every_parameter_of_a_model_command_is_a_setting_or_its_own(name):
+    """A parameter added to a command without deciding whether it is a setting fails here, not silently."""
+    import inspect
+
+    from llavanext_cli.cli.options import model_flags
+    from llavanext_cli.settings import SETTING_NAMES
+
+    function = _command_function(name).callback
+    parameters = inspect.signature(function).parameters
+    model_flags({parameter: None for parameter in parameters})
+    settings = {"format" if p == "output_format" else p for p in parameters} & set(SETTING_NAMES)
+    run_flags = {"caption": {"workers", "fast_decode", "compile", "max_memory"},
+                 "ask": {"workers", "fast_decode", "compile", "max_memory"}, "classify": {"normalize", "max_memory"},
+                 "chat": set()}
+    assert {"model", "device", "dtype", "format"} | run_flags[name] <= settings
+
+
+def test_other_warnings_reach_stderr_as_one_line(monkeypatch, tmp_path):
+    """Not only the tool's own input warnings: whatever warns during a run is shown on stderr (the contract), as one
+    `Warning:` line."""
+    import warnings
+
+    from llavanext_cli import inputs
+
+    from conftest import run_cli
+
+    real = inputs.expand_inputs
+
+    def noisy(*args, **kwargs):
+        warnings.warn("a library has something to say\nover two lines", UserWarning)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(inputs, "expand_inputs", noisy)
+    result = run_cli("caption", EXAMPLES / "chelsea.png", "-m", tmp_path / "no-model")
+    assert result.exit_code == 3
+    assert "Warning: a library has something to say over two lines" in result.stderr
+
+
+@pytest.mark.parametrize("kind", ["config", "prompt format", "spec"])
+def test_a_file_that_is_not_valid_yaml_cannot_be_loaded(tmp_path, tiny_next, kind):
+    """One reader for every YAML file the tool takes, one exit code for a file that is not YAML: 3."""
+    from conftest import run_cli
+
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("name: [unclosed\n")
+    image = EXAMPLES / "chelsea.png"
+    args = {"config": ("caption", image, "-m", tiny_next, "--config", broken),
+            "prompt format": ("caption", image, "-m", tiny_next, "--prompt-format", broken),
+            "spec": ("init-model", broken, tmp_path / "out")}[kind]
+    result = run_cli(*args)
+    assert result.exit_code == 3, result.stderr
+    assert result.stderr.count("Error:") == 1 and "not valid YAML" in result.stderr and "line 2" in result.stderr
+    assert kind in result.stderr and str(broken) in result.stderr
+
+
+def test_the_machine_saying_no_is_one_line_and_any_other_os_error_is_a_bug(tiny_next, tmp_path, monkeypatch):
+    import errno
+
+    from llavanext_cli import writers
+
+    from conftest import run_cli
+
+    def disk_full(self, record):
+        raise OSError(errno.ENOSPC, "No space left on device", "out.jsonl")
+
+    monkeypatch.setattr(writers.RecordSink, "write", disk_full)
+    args = ("caption", EXAMPLES / "chelsea.png", "-m", tiny_next, "--max-new-tokens", "2", "-o", tmp_path / "o.jsonl")
+    result = run_cli(*args)
+    assert result.exit_code == 3 and "No space left on device (out.jsonl)" in result.stderr
+    assert "Traceback" not in result.stderr
+
+    def bug(self, record):
+        raise FileNotFoundError(errno.ENOENT, "the tool lost its own file", "somewhere")
+
+    monkeypatch.setattr(writers.RecordSink, "write", bug)
+    with pytest.raises(FileNotFoundError, match="lost its own file"):
+        run_cli(*args)

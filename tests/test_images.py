@@ -87,3 +87,17 @@ def test_over_the_pixel_limit(tmp_path, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)
     with pytest.raises(InputError, match="too large"):
         load_image(tmp_path / "big.png")
+
+
+def test_a_bug_in_the_tools_own_conversion_is_not_an_input_error(monkeypatch):
+    """Whatever Pillow raises on hostile bytes is an input error; an exception from the tool's own code is a bug,
+    and stays one."""
+    from llavanext_cli import images
+
+    def broken(image):
+        raise TypeError("the tool's own bug")
+
+    monkeypatch.setattr(images, "_to_rgb", broken)
+    with pytest.raises(TypeError, match="own bug"):
+        load_image(EXAMPLES / "rocket.jpg")
+

@@ -69,7 +69,7 @@ def test_a_killed_rank_then_resume_completes_the_set(tmp_path, tiny_next):
     records = _records(out)
     assert sorted(r["image"] for r in records) == sorted(str(p) for p in folder.iterdir())  # all, each once
     single = tmp_path / "single.jsonl"
-    run_cli("caption", folder, "-m", tiny_next, "--max-new-tokens", "4", "-o", single)
+    assert run_cli("caption", folder, "-m", tiny_next, "--max-new-tokens", "4", "-o", single).exit_code == 0
     assert {r["image"]: r["text"] for r in records} == {r["image"]: r["text"] for r in _records(single)}
 
 

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from llavanext_cli.errors import SetupError, UsageError
-from llavanext_cli.settings import SETTING_NAMES, load_settings, user_config_path
+from llavanext_cli.settings import SETTING_NAMES, load_settings
 
 from conftest import REPO, run_cli
 
@@ -25,8 +25,8 @@ def test_precedence_flag_env_config_user_default(tmp_path):
     (home / "config.yaml").write_text("model: from-user\nmax_new_tokens: 11\ndtype: float16\nseed: 1\n")
     config = tmp_path / "run.yaml"
     config.write_text("model: from-config\nmax_new_tokens: 22\ndtype: bfloat16\n")
-    env = {"LLAVA_HOME": str(home), "LLAVA_MODEL": "from-env", "LLAVA_MAX_NEW_TOKENS": "33"}
-    settings = load_settings({"model": "from-flag"}, config, env=env)
+    env = {"LLAVA_MODEL": "from-env", "LLAVA_MAX_NEW_TOKENS": "33"}
+    settings = load_settings({"model": "from-flag"}, config, env=env, user_config=home / "config.yaml")
     assert settings.model == "from-flag"            # flag beats everything
     assert settings.max_new_tokens == 33            # env beats --config
     assert settings.dtype == "bfloat16"             # --config beats the user file
@@ -35,9 +35,14 @@ def test_precedence_flag_env_config_user_default(tmp_path):
     assert settings.sources["model"] == "--model" and settings.sources["max_new_tokens"] == "LLAVA_MAX_NEW_TOKENS"
 
 
-def test_user_config_location(tmp_path):
-    assert user_config_path({"LLAVA_HOME": str(tmp_path)}) == tmp_path / "config.yaml"
-    assert user_config_path({"XDG_CONFIG_HOME": str(tmp_path)}).parent.name == "llava"
+def test_user_config_location(tmp_path, monkeypatch):
+    from llavanext_cli.cli.run import user_config_path
+
+    monkeypatch.setenv("LLAVA_HOME", str(tmp_path))
+    assert user_config_path() == tmp_path / "config.yaml"
+    monkeypatch.delenv("LLAVA_HOME")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    assert user_config_path() == tmp_path / "xdg" / "llava" / "config.yaml"  # typer's app dir on Linux
 
 
 @pytest.mark.parametrize("content,key", [

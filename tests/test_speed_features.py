@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -43,10 +44,6 @@ def _texts(result):
 def test_workers_change_no_answer_and_keep_input_order(tiny_next, hf_reference, varied_images):
     """Two workers (and two workers with batches) give exactly the records of one worker, in input order, and
     those equal plain transformers one image at a time."""
-    import torch
-
-    from llavanext_cli.images import load_image
-
     common = ("caption", varied_images, "-m", tiny_next, "--prompt", PROMPT, "--max-new-tokens", "6",
               "--format", "jsonl")
     one = _texts(run_cli(*common, "--workers", "1"))
@@ -58,14 +55,8 @@ def test_workers_change_no_answer_and_keep_input_order(tiny_next, hf_reference, 
     assert [{k: v for k, v in r.items() if k != "seconds"} for r in two] == strip
     assert [r["text"] for r in two_batched] == [r["text"] for r in one]
 
-    processor, model = hf_reference(tiny_next)
     rendered = "[INST] <image>\nWhat is shown in this image? [/INST]"
-    expected = []
-    for path in paths:
-        inputs = processor(images=load_image(path), text=rendered, return_tensors="pt")
-        with torch.inference_mode():
-            output = model.generate(**inputs, max_new_tokens=6, do_sample=False)
-        expected.append(processor.decode(output[0, inputs.input_ids.shape[1]:], skip_special_tokens=True).strip())
+    expected = [hf_reference.answer(tiny_next, rendered, [path], 6) for path in paths]
     assert [r["text"] for r in two] == expected
     assert len(set(expected)) > 1
 
@@ -97,8 +88,9 @@ def test_workers_mistakes_exit_2_before_the_model_loads(tmp_path, monkeypatch, a
     assert message in result.stderr
 
 
-def test_seeded_sampling_stays_reproducible_with_auto_workers(tiny_next):
+def test_seeded_sampling_stays_reproducible_with_auto_workers(tiny_next, monkeypatch):
     """Auto picks one worker when sampling is seeded: two runs give the same records."""
+    monkeypatch.delenv("LLAVA_WORKERS")
     args = ("caption", EXAMPLES / "chelsea.png", EXAMPLES / "rocket.jpg", EXAMPLES / "coffee.png", "-m", tiny_next,
             "--max-new-tokens", "5", "--temperature", "0.9", "--seed", "7", "--format", "jsonl")
     first, second = _texts(run_cli(*args)), _texts(run_cli(*args))
@@ -129,7 +121,7 @@ def test_resolve_workers_rules():
 def test_skipped_identity_steps_give_the_same_tensors_bit_for_bit(tiny_next, varied_images):
     from PIL import Image
 
-    from llavanext_cli.generation import identity_image_steps
+    from llavanext_cli.preprocessing import identity_image_steps
     from llavanext_cli.loading import load_config, load_processor
 
     processor = load_processor(str(tiny_next), load_config(str(tiny_next)))
@@ -152,7 +144,7 @@ def test_skipped_identity_steps_give_the_same_tensors_bit_for_bit(tiny_next, var
 def test_identity_steps_are_kept_where_they_do_something(tiny_next, tiny_llava):
     import copy
 
-    from llavanext_cli.generation import identity_image_steps
+    from llavanext_cli.preprocessing import identity_image_steps
     from llavanext_cli.loading import load_config, load_processor
 
     clip = load_processor(str(tiny_llava), load_config(str(tiny_llava))).image_processor
@@ -217,7 +209,7 @@ def test_cancelled_generation_stops_after_the_current_step(tiny_next):
     """The worker side of cancellation: a real generate() with the event set ends at once."""
     from llavanext_cli.generation import GenerationOptions, generate
     from llavanext_cli.images import load_image
-    from llavanext_cli.session import open_checkpoint
+    from llavanext_cli.checkpoint import open_checkpoint
     from llavanext_cli.settings import load_settings
 
     checkpoint = open_checkpoint(load_settings({"model": str(tiny_next)}, env={}))
@@ -229,6 +221,82 @@ def test_cancelled_generation_stops_after_the_current_step(tiny_next):
     stop.set()
     cut = generate(checkpoint, [prompt], image, options, cancelled=stop)
     assert free[0].new_tokens > 1 and cut[0].new_tokens == 1
+
+
+def test_a_worker_that_takes_an_item_after_cancellation_does_not_run_it():
+    from llavanext_cli.pipeline import _DONE, Source, run_concurrently
+
+    cancelled = threading.Event()
+    ran = []
+
+    class CancelledWhileTaking(Source):
+        def __init__(self):
+            self.items = iter(range(50))
+            self.lock = threading.Lock()
+
+        def take(self):
+            with self.lock:
+                item = next(self.items, _DONE)
+            if item == 3:
+                cancelled.set()  # the run is abandoned while this worker waited for its item
+            return item
+
+        def stop(self):
+            pass
+
+    list(run_concurrently(lambda item: ran.append(item) or [(item, item)], CancelledWhileTaking(), 2, cancelled))
+    assert 3 not in ran and not [item for item in ran if item > 3]
+
+
+def test_workers_waiting_for_a_stuck_producer_end_when_the_consumer_stops(monkeypatch):
+    """The producer is stuck inside prepare (a slow URL, say) while the workers wait for items: stopping the run
+    stops the producer first, so the waiting workers wake up, end and are joined; nothing hangs."""
+    from llavanext_cli import pipeline
+
+    monkeypatch.setattr(pipeline, "JOIN_TIMEOUT", 0.5)
+    release = threading.Event()
+
+    def prepare(batch):
+        if batch[0] >= 1:
+            release.wait(60)
+        return batch
+
+    results = pipeline.run_pipelined(prepare, lambda batch: [(batch[0], batch[0])], [[i] for i in range(6)],
+                                     workers=2)
+    assert next(results) == 0
+    results.close()
+    assert not [t for t in threading.enumerate() if t.name.startswith("llava-worker")]
+    release.set()
+    for thread in [t for t in threading.enumerate() if t.name == "llava-prefetch"]:
+        thread.join(5)
+    assert not [t for t in threading.enumerate() if t.name == "llava-prefetch"]
+
+
+def test_in_input_order_closes_its_source_and_fails_loudly_on_a_lost_result():
+    from llavanext_cli.pipeline import in_input_order
+
+    closed = []
+
+    def results():
+        try:
+            yield 0, "a"
+            yield 2, "c"  # input 1 never comes: a bug upstream
+        finally:
+            closed.append(True)
+
+    with pytest.raises(RuntimeError, match="input 1 never came"):
+        list(in_input_order(results()))
+    early = in_input_order(results())
+    assert next(early) == "a"
+    early.close()
+    assert closed == [True, True]
+
+
+def test_bucketing_needs_the_processors_token_count():
+    from llavanext_cli.preprocessing import image_token_count
+
+    assert image_token_count(object(), (640, 480)) == -1  # a processor that cannot say: no grouping, same answers
+    assert image_token_count(object(), None) == -1
 
 
 # --- the model loads while the first inputs are prepared ----------------------------------------------------
@@ -259,13 +327,28 @@ def test_a_checkpoint_that_fails_to_load_writes_no_record(tiny_next, tmp_path):
 
 
 def test_chat_loads_the_model_before_the_first_question(tiny_next):
-    from llavanext_cli.session import open_checkpoint
-    from llavanext_cli.settings import load_settings
+    """chat does not wait for the person's first message to load the weights (the batch commands do: they load
+    while the first inputs are prepared): on a terminal, with -v, the weights load before the first prompt, and
+    the first answer comes without a load."""
+    import os
 
-    checkpoint = open_checkpoint(load_settings({"model": str(tiny_next)}, env={}))
-    assert checkpoint._model is None  # opened: config, processor, prompt format; no weights yet
-    assert checkpoint.device_type == "cpu"
-    assert checkpoint.load().model is checkpoint.model
+    import pexpect
+
+    child = pexpect.spawn(sys.executable, ["-m", "llavanext_cli", "chat", "-m", str(tiny_next), "-v",
+                                           "--max-new-tokens", "3"], cwd=str(REPO), encoding="utf-8", timeout=120,
+                          env={**{k: v for k, v in os.environ.items() if k != "HF_HUB_DISABLE_PROGRESS_BARS"},
+                               "TERM": "dumb"}, dimensions=(40, 200))
+    child.expect("Loading weights")
+    child.expect("you>")
+    time.sleep(0.5)  # readline may drop what is typed before it takes the terminal
+    child.sendline("Hello")
+    child.expect("llava>")
+    child.expect("you>")
+    assert "Loading weights" not in child.before
+    child.sendeof()
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
 
 
 # --- the garbage collector in a real process ----------------------------------------------------------------

@@ -8,7 +8,6 @@ from typing import Annotated, Optional
 import typer
 
 from llavanext_cli.cli import options as opt
-from llavanext_cli.cli.answer import run_prompt_jobs
 from llavanext_cli.errors import UsageError
 
 
@@ -39,8 +38,8 @@ def ask(
     output_format: opt.FormatOpt = None,
     output: opt.OutputOpt = None,
     resume: opt.ResumeOpt = False,
-    fast_decode: opt.FastDecodeOpt = False,
-    compile: opt.CompileOpt = False,
+    fast_decode: opt.FastDecodeOpt = None,
+    compile: opt.CompileOpt = None,
     max_memory: opt.MaxMemoryOpt = None,
     config: opt.ConfigOpt = None,
     offline: opt.OfflineOpt = None,
@@ -59,8 +58,10 @@ def ask(
     """
     flags = opt.model_flags(locals())
     from llavanext_cli.answering import PromptJob, open_questions
-    from llavanext_cli.cli.setup import settings_for
+    from llavanext_cli.cli.execute import answer
+    from llavanext_cli.cli.run import settings_for
     from llavanext_cli.inputs import expand_inputs
+    from llavanext_cli.records import Subject
 
     if questions is not None and (question is not None or images or together):
         raise UsageError("--questions takes its images and questions from the file: drop IMAGES, -q and --together")
@@ -73,7 +74,6 @@ def ask(
         jobs = open_questions(questions, sys.stdin)
     else:
         found = expand_inputs(images, recursive=recursive, stdin=sys.stdin)
-        jobs = [PromptJob(tuple(found), question, together=True)] if together else \
-            [PromptJob((image,), question) for image in found]
-    return run_prompt_jobs(settings, jobs, output, resume, verbose, fast_decode=fast_decode, compile=compile,
-                           max_memory=max_memory)
+        jobs = [PromptJob(Subject(tuple(found), together=True), question)] if together else \
+            [PromptJob(Subject.of(image), question) for image in found]
+    return answer(settings, jobs, output, resume, verbose)

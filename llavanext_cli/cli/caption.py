@@ -5,7 +5,6 @@ from __future__ import annotations
 import sys
 
 from llavanext_cli.cli import options as opt
-from llavanext_cli.cli.answer import run_prompt_jobs
 from llavanext_cli.errors import UsageError
 
 
@@ -30,8 +29,8 @@ def caption(
     output_format: opt.FormatOpt = None,
     output: opt.OutputOpt = None,
     resume: opt.ResumeOpt = False,
-    fast_decode: opt.FastDecodeOpt = False,
-    compile: opt.CompileOpt = False,
+    fast_decode: opt.FastDecodeOpt = None,
+    compile: opt.CompileOpt = None,
     max_memory: opt.MaxMemoryOpt = None,
     config: opt.ConfigOpt = None,
     offline: opt.OfflineOpt = None,
@@ -51,13 +50,14 @@ def caption(
     """
     flags = opt.model_flags(locals())
     from llavanext_cli.answering import PromptJob
-    from llavanext_cli.cli.setup import settings_for
+    from llavanext_cli.cli.execute import answer
+    from llavanext_cli.cli.run import settings_for
     from llavanext_cli.inputs import expand_inputs
+    from llavanext_cli.records import Subject
 
     if not images:
         raise UsageError("no input images", hint="pass image files, directories, quoted globs, URLs or - for stdin")
     settings = settings_for(flags, config)
     text = prompt if prompt is not None else settings.caption_prompt
-    jobs = [PromptJob((image,), text) for image in expand_inputs(images, recursive=recursive, stdin=sys.stdin)]
-    return run_prompt_jobs(settings, jobs, output, resume, verbose, fast_decode=fast_decode, compile=compile,
-                           max_memory=max_memory)
+    jobs = [PromptJob(Subject.of(image), text) for image in expand_inputs(images, recursive=recursive, stdin=sys.stdin)]
+    return answer(settings, jobs, output, resume, verbose)

@@ -58,9 +58,9 @@ def chat(
       printf 'What is this?\\nWhat colour is it?\\n' | llava chat photo.jpg --format jsonl
     """
     flags = opt.model_flags(locals())
-    from llavanext_cli.answering import ImageFetching
     from llavanext_cli.chat import ChatSession
-    from llavanext_cli.cli.setup import open_run, settings_for
+    from llavanext_cli.cli.run import open_run, settings_for
+    from llavanext_cli.images import ImageFetching
     from llavanext_cli.inputs import expand_inputs
 
     if output_format not in (None, "text", "jsonl"):
@@ -69,10 +69,9 @@ def chat(
     # A format from the environment or a config file is for the batch commands; chat prints text or jsonl.
     output_format = settings.format if settings.format in ("text", "jsonl") else "text"
     sources = expand_inputs(images, stdin=sys.stdin) if images else []
-    run = open_run(settings, None, verbose)
+    run = open_run(settings, verbose)
     run.checkpoint.load()  # now, not while the person waits for the first answer
-    session = ChatSession(run.checkpoint, run.generation, ImageFetching(settings.url_timeout, settings.url_max_bytes),
-                          system=system)
+    session = ChatSession(run.checkpoint, run.generation, ImageFetching.from_settings(settings), system=system)
     saved_settings = {
         "dtype": settings.dtype, "quant": settings.quant, "quant_type": settings.quant_type, "seed": settings.seed,
         "prompt_format": run.checkpoint.prompt.format.name, "max_new_tokens": settings.max_new_tokens,

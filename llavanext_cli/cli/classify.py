@@ -54,11 +54,12 @@ def classify(
       llava classify photo.jpg --labels "indoor,outdoor" --prompt "Is this photo {labels}?"
     """
     flags = opt.model_flags(locals())
-    from llavanext_cli.answering import ImageFetching
     from llavanext_cli.cli.execute import execute
-    from llavanext_cli.cli.setup import settings_for
+    from llavanext_cli.cli.run import settings_for
+    from llavanext_cli.images import ImageFetching
     from llavanext_cli.inputs import expand_inputs
-    from llavanext_cli.scoring import classification_prompt, classify_inputs, parse_labels
+    from llavanext_cli.records import Subject
+    from llavanext_cli.scoring import LabelJob, classification_prompt, classify_inputs, parse_labels
 
     if labels is not None and labels_file is not None:
         raise UsageError("give --labels or --labels-file, not both")
@@ -73,15 +74,15 @@ def classify(
         raise UsageError("no input images", hint="pass image files, directories, quoted globs, URLs or - for stdin")
     settings = settings_for(flags, config)
     question = classification_prompt(prompt if prompt is not None else settings.classify_prompt, label_list)
-    sources = expand_inputs(images, recursive=recursive, stdin=sys.stdin)
-    fetching = ImageFetching(settings.url_timeout, settings.url_max_bytes)
-    return execute(
-        settings, sources, lambda source: source, lambda record: record.get("image") if "label" in record else None,
-        lambda run, todo, _: classify_inputs(run.checkpoint, todo, question, label_list, settings.normalize,
-                                             settings.batch_size, fetching),
-        output, resume, verbose, render_text=lambda record, many: show_scores(record, many, top_k),
-        max_memory=max_memory,
-    )
+    jobs = [LabelJob(Subject.of(source)) for source in expand_inputs(images, recursive=recursive, stdin=sys.stdin)]
+    fetching = ImageFetching.from_settings(settings)
+
+    def records_for(run, todo, on_text):
+        return classify_inputs(run.checkpoint, todo, question, label_list, settings.normalize, settings.batch_size,
+                               fetching)
+
+    return execute(settings, jobs, records_for, output, resume, verbose,
+                   draw=lambda record: show_scores(record, len(jobs) > 1, top_k))
 
 
 def show_scores(record: dict, many: bool, top_k: int) -> None:

@@ -1,101 +1,125 @@
 """Running a batch command's jobs: the output checked and locked before the model loads, finished inputs skipped
-(--resume), records written as they come; and, under `accelerate launch` / `torchrun`, each process taking its
-share of the inputs into its own shard, merged by the main process at the end."""
+(--resume), the records written as they come by the one loop in output.py; and, under `accelerate launch` /
+`torchrun`, each process taking its share of the inputs into its own shard, merged by the main process at the end.
+
+caption and ask come in through `answer`; classify calls `execute` with its own records."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import closing
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from llavanext_cli.cli.console import stderr
-from llavanext_cli.cli.output import write_records
-from llavanext_cli.cli.setup import Run, check_output, open_run
+from llavanext_cli.cli.output import Display, stream_to_stdout, write_records
+from llavanext_cli.cli.run import Run, check_output, open_run
 from llavanext_cli.errors import EXIT_INPUT_FAILED
-from llavanext_cli.records import Record, format_for, read_finished_keys
+from llavanext_cli.records import JsonRecord, Record, resume_key
 from llavanext_cli.settings import Settings
+from llavanext_cli.writers import OutputLock, RecordSink, format_for, read_finished_keys
 
-RecordsFor = Callable[[Run, list, Callable[[str], None] | None], Iterator[Record]]
+
+class Job(Protocol):
+    def key(self) -> str:
+        """What --resume matches a finished record to this job by (`records.resume_key` of its record)."""
 
 
-def execute(settings: Settings, jobs: Sequence[Any], job_key: Callable[[Any], str],
-            record_key: Callable[[Record], str | None], records_for: RecordsFor, output: Path | None, resume: bool,
-            verbose: bool, render_text: Callable[[Record, bool], None] | None = None, compile: bool = False,
-            max_memory: str | None = None) -> int:
-    from llavanext_cli.loading import parse_max_memory
+OnText = Callable[[str], None]
+RecordsFor = Callable[[Run, list[Any], OnText | None], Iterator[Record]]
+
+
+def answer(settings: Settings, jobs: Sequence[Job], output: Path | None, resume: bool, verbose: bool) -> int:
+    """caption / ask: generate an answer for each job."""
+    from llavanext_cli.answering import answer_jobs
+    from llavanext_cli.concurrency import check_workers, resolve_workers
+    from llavanext_cli.images import ImageFetching
     from llavanext_cli.sharding import data_parallel_from_env
 
-    limits = parse_max_memory(max_memory) if max_memory else None
+    seeded_sampling = settings.seed is not None and settings.temperature > 0
+    check_workers(settings.workers, seeded_sampling, settings.compile,
+                  source=settings.sources.get("workers", "--workers"))
+    fetching = ImageFetching.from_settings(settings)
+
+    def records_for(run: Run, todo: list[Any], on_text: OnText | None) -> Iterator[Record]:
+        workers = resolve_workers(settings.workers, run.checkpoint.device_type, len(todo), seeded_sampling,
+                                  settings.compile, data_parallel_from_env() is not None)
+        return answer_jobs(run.checkpoint, todo, run.generation, settings.batch_size, fetching, on_text,
+                           fast_decode=settings.fast_decode, workers=workers)
+
+    return execute(settings, jobs, records_for, output, resume, verbose)
+
+
+def execute(settings: Settings, jobs: Sequence[Job], records_for: RecordsFor, output: Path | None, resume: bool,
+            verbose: bool, draw: Callable[[JsonRecord], None] | None = None) -> int:
+    """Run `records_for` over the jobs not yet done and write its records. On a terminal, one answer streams as it
+    is generated, or a command draws its own display (`draw`); files and pipes get the records."""
+    from llavanext_cli.sharding import data_parallel_from_env
+
     fmt = format_for(settings.format, output)
-    parallel = data_parallel_from_env()
-    if parallel is not None:
-        return _execute_sharded(parallel, settings, jobs, job_key, record_key, records_for, output, fmt, verbose,
-                                compile, limits)
+    if data_parallel_from_env() is not None:
+        return _execute_shard(settings, jobs, records_for, output, fmt, verbose)
     lock = check_output(output, fmt, resume)
     try:
         remaining = list(jobs)
         if resume and output is not None:
-            finished = read_finished_keys(output, record_key)
-            remaining = [job for job in jobs if job_key(job) not in finished]
+            finished = read_finished_keys(output, resume_key)
+            remaining = [job for job in jobs if job.key() not in finished]
             if len(remaining) < len(jobs):
                 stderr.print(f"Resuming: {len(jobs) - len(remaining)} of {len(jobs)} already done in {output}.",
                              highlight=False)
         if not remaining:
             stderr.print("Nothing to do: every input already has a record.", highlight=False)
             return 0
-        run = open_run(settings, output, verbose, compile, limits)
-        return write_records(run, lambda on_text: records_for(run, remaining, on_text), len(remaining),
-                             already_done=len(jobs) - len(remaining), render_text=render_text)
+        run = open_run(settings, verbose)
+        on_terminal = output is None and fmt == "text" and sys.stdout.isatty()
+        display = Display(
+            streamed=on_terminal and draw is None and len(remaining) == 1 and run.generation.num_beams == 1,
+            draw=draw if on_terminal else None,
+            progress=len(remaining) > 1 and stderr.is_terminal,
+        )
+        records = records_for(run, remaining, stream_to_stdout if display.streamed else None)
+        return write_records(records, RecordSink(output, fmt, many=len(jobs) > 1), len(remaining), display)
     finally:
         if lock is not None:
-            lock.release(remove_if_empty=True)
+            lock.release()
 
 
-def _execute_sharded(parallel, settings: Settings, jobs: Sequence[Any], job_key, record_key, records_for,
-                     output: Path | None, fmt: str, verbose: bool, compile: bool, limits) -> int:
+def _execute_shard(settings: Settings, jobs: Sequence[Job], records_for: RecordsFor, output: Path | None, fmt: str,
+                   verbose: bool) -> int:
     """One process of a data-parallel run. --resume is implied: whatever the output or any shard already holds
     is not redone, so a rerun after a crash completes the set."""
-    from llavanext_cli.records import OutputLock, RecordSink, is_success
     from llavanext_cli.sharding import (
         ProcessGroup, existing_shards, is_mine, merge_shards, read_shard_records, require_jsonl_output, shard_path,
-        with_index)
+        shard_shape)
 
     output = require_jsonl_output(output, fmt)
-    check_output(output, fmt, resume=False).release()  # writable? (the main process locks it below)
-    group = ProcessGroup(parallel)
-    locks = [OutputLock(shard_path(output, parallel.rank))]
-    if parallel.is_main:
+    probe = check_output(output, fmt, resume=False)  # writable? (the main process locks it below)
+    if probe is not None:
+        probe.release()
+    group = ProcessGroup()
+    locks = [OutputLock(shard_path(output, group.rank))]
+    if group.is_main:
         locks.append(OutputLock(output))
     try:
-        finished = read_finished_keys(output, record_key)
+        finished = read_finished_keys(output, resume_key)
         for path in existing_shards(output):
-            finished.update(key for key in map(record_key, read_shard_records(path)) if key is not None)
-        mine = [(index, job) for index, job in enumerate(jobs)
-                if is_mine(index, parallel) and job_key(job) not in finished]
-        stderr.print(f"llava: process {parallel.rank} of {parallel.world_size} takes {len(mine)} inputs.",
-                     highlight=False)
-        failures = 0
+            finished.update(key for key in map(resume_key, read_shard_records(path)) if key is not None)
+        mine = [(index, job) for index, job in enumerate(jobs) if is_mine(index, group) and job.key() not in finished]
+        stderr.print(f"llava: process {group.rank} of {group.world_size} takes {len(mine)} inputs.", highlight=False)
+        failed = 0
         if mine:
-            run = open_run(settings, None, verbose, compile, limits)
-            sink = RecordSink(shard_path(output, parallel.rank), "jsonl", many=True)
-            complete = False
-            # closing(): the pipeline's threads stop before this process goes on (see write_records)
-            with closing(records_for(run, [job for _, job in mine], None)) as produced:
-                try:
-                    for record in with_index([i for i, _ in mine], produced):
-                        failures += not is_success(record)
-                        sink.write(record)
-                    complete = True
-                finally:
-                    sink.close(complete)
+            run = open_run(settings, verbose)
+            sink = RecordSink(shard_path(output, group.rank), "jsonl", many=True,
+                              shape=shard_shape(index for index, _ in mine))
+            failed = write_records(records_for(run, [job for _, job in mine], None), sink, len(mine))
         group.wait_for_everyone()
-        if parallel.is_main:
+        if group.is_main:
             merged = merge_shards(output)
-            failures = sum(1 for record in merged if not is_success(record))
-            stderr.print(f"llava: merged {len(merged)} records from {parallel.world_size} processes into {output}.",
+            failed = sum(1 for record in merged if "error" in record)
+            stderr.print(f"llava: merged {len(merged)} records from {group.world_size} processes into {output}.",
                          highlight=False)
-        return EXIT_INPUT_FAILED if failures else 0
+        return EXIT_INPUT_FAILED if failed else 0
     finally:
         for lock in locks:
             lock.release()

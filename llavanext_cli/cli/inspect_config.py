@@ -40,13 +40,15 @@ def inspect_config(
     """
     from llavanext_cli.cli.console import warn
     from llavanext_cli.inspection import DEFAULT_INSPECT_PROMPT, inspect_checkpoint, parse_image_size, parse_memory
+    from llavanext_cli.cli.run import user_config_path
     from llavanext_cli.settings import load_settings
 
     if output_format not in ("text", "json"):
         raise UsageError(f"--format must be text or json for inspect-config, not {output_format!r}")
     if model_arg and model and model_arg != model:
         raise UsageError(f"two models given: {model_arg} and -m {model}")
-    settings = load_settings(opt.given(model=model_arg or model, prompt_format=prompt_format, offline=offline), config)
+    settings = load_settings(opt.given(model=model_arg or model, prompt_format=prompt_format, offline=offline), config,
+                             user_config=user_config_path())
     size = parse_image_size(image_size) if image_size else None
     parse_memory(gpu_memory)
 

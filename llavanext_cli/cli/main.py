@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import sys
@@ -58,17 +59,28 @@ def _root(
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Every warning on stderr, as one `Warning:` line (with LLAVA_DEBUG, where it was raised too)."""
     from llavanext_cli.inputs import InputWarning
 
-    if issubclass(category, InputWarning):
-        warn(str(message))
-    elif os.environ.get("LLAVA_DEBUG", "") not in ("", "0"):
-        print(warnings.formatwarning(message, category, filename, lineno, line), file=sys.stderr, end="")
+    text = " ".join(str(message).split())
+    if not issubclass(category, InputWarning) and os.environ.get("LLAVA_DEBUG", "") not in ("", "0"):
+        text += f" ({category.__name__}, {filename}:{lineno})"
+    warn(text)
+
+
+_MACHINE_SAID_NO = frozenset(getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EACCES", "EPERM", "EROFS", "EIO",
+                                                                 "EMFILE", "ENFILE") if hasattr(errno, name))
 
 
 def _run_app(argv: list[str] | None) -> object:
+    """The command's return value (its exit code). Click's own `main` is bypassed: it would turn a closed pipe into
+    exit 1 and Ctrl-C into an Abort; every exception reaches `main` below as it was raised."""
+    command = typer.main.get_command(app)
     try:
-        return app(args=argv, standalone_mode=False, prog_name="llava")
+        with command.make_context("llava", list(sys.argv[1:] if argv is None else argv)) as context:
+            return command.invoke(context)
+    except typer.Exit as exc:  # --help, --version
+        return exc.exit_code
     finally:
         collector.before_exit()
 
@@ -113,9 +125,10 @@ def main(argv: list[str] | None = None) -> None:
     except click_exceptions.ClickException as exc:
         fail(exc.format_message(), None, exc.exit_code)
     except OSError as exc:
-        # The machine said no (disk full, permission denied on a path the tool writes): one line, not a bug report.
+        # The machine said no while the tool wrote or read its files (disk full, no permission, a read-only file
+        # system): one line, not a bug report. Any other OSError is a bug, and keeps its traceback.
+        if exc.errno not in _MACHINE_SAID_NO:
+            raise
         where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
         fail(f"{exc.strerror or exc}{where}", None, EXIT_SETUP)
-    if result == EXIT_INTERRUPTED:  # typer turns Ctrl-C into this exit code itself
-        print_error("interrupted; finished records are kept")
     sys.exit(result if isinstance(result, int) else 0)

@@ -13,8 +13,8 @@ _GEN = "Generation"
 _OUT = "Output"
 
 ModelOpt = Annotated[Optional[str], typer.Option(
-    "-m", "--model", help="Hub id or local checkpoint directory [env LLAVA_MODEL; default "
-    "llava-hf/llava-v1.6-mistral-7b-hf].", rich_help_panel=_MODEL, show_default=False)]
+    "-m", "--model", help="Hub id or local checkpoint directory (env LLAVA_MODEL; default "
+    "llava-hf/llava-v1.6-mistral-7b-hf).", rich_help_panel=_MODEL, show_default=False)]
 PromptFormatOpt = Annotated[Optional[str], typer.Option(
     "--prompt-format", help="A registry format (see prompts/) or a format .yaml file; default: the checkpoint's "
     "chat template, else the registry.", rich_help_panel=_MODEL, show_default=False)]
@@ -59,17 +59,12 @@ PromptOpt = Annotated[Optional[str], typer.Option(
     "--prompt", help="The prompt text (default from the config).", show_default=False)]
 
 
-def given(**flags: Any) -> dict[str, Any]:
-    """The flags the user actually gave, for the settings layers (None means not given)."""
-    return {key: value for key, value in flags.items() if value is not None}
-
-
-FastDecodeOpt = Annotated[bool, typer.Option(
-    "--fast-decode", help="Decode large JPEGs at a reduced scale (faster; pixels differ slightly from a full decode).",
-    rich_help_panel=_RUN)]
-CompileOpt = Annotated[bool, typer.Option(
-    "--compile", help="CUDA only: static KV cache and torch.compile for the language model (slow first batch).",
-    rich_help_panel=_RUN)]
+FastDecodeOpt = Annotated[Optional[bool], typer.Option(
+    "--fast-decode/--no-fast-decode", help="Decode large JPEGs at a reduced scale (faster; pixels differ slightly "
+    "from a full decode).", rich_help_panel=_RUN, show_default=False)]
+CompileOpt = Annotated[Optional[bool], typer.Option(
+    "--compile/--no-compile", help="CUDA only: static KV cache and torch.compile for the language model (slow "
+    "first batch).", rich_help_panel=_RUN, show_default=False)]
 MaxMemoryOpt = Annotated[Optional[str], typer.Option(
     "--max-memory", help="With --device auto on GPUs: memory per device for the weights, e.g. "
     "0=70GiB,1=70GiB,cpu=200GiB.", rich_help_panel=_RUN, show_default=False)]
@@ -81,14 +76,33 @@ ImagesArg = Annotated[Optional[list[str]], typer.Argument(
     help="Image files, directories, quoted globs, http(s) URLs, or - (paths from stdin).", show_default=False)]
 
 
-_SETTING_PARAMETERS = {"model": "model", "prompt_format": "prompt_format", "dtype": "dtype", "quant": "quant",
-                       "quant_type": "quant_type", "attn": "attn", "device": "device", "batch_size": "batch_size",
-                       "workers": "workers",
-                       "max_new_tokens": "max_new_tokens", "temperature": "temperature", "top_p": "top_p",
-                       "num_beams": "num_beams", "seed": "seed", "output_format": "format", "offline": "offline",
-                       "normalize": "normalize"}
+# A command parameter is either a setting (passed to the settings layers, where the environment and config files
+# can set it too) or the command's own. Parameters named as their setting need no entry; these are renamed:
+_RENAMED_SETTINGS = {"output_format": "format"}
+# and these are the commands' own (not settings):
+COMMAND_PARAMETERS = frozenset({
+    "images", "prompt", "recursive", "output", "resume", "config", "verbose", "question", "together", "questions",
+    "labels", "labels_file", "top_k", "system", "model_arg", "image_size", "gpu_memory",
+})
 
 
 def model_flags(parameters: dict[str, Any]) -> dict[str, Any]:
-    """The settings-layer flags among a command's parameters (pass `locals()` first thing), as given."""
-    return given(**{setting: parameters.get(name) for name, setting in _SETTING_PARAMETERS.items()})
+    """The settings among a command's parameters (pass `locals()` first thing), as given (None = not given).
+    A parameter that is neither a setting nor listed as a command's own is a programming error, raised at once:
+    it would otherwise be silently dropped on its way to the settings."""
+    from llavanext_cli.settings import SETTING_NAMES
+
+    flags = {}
+    for name, value in parameters.items():
+        setting = _RENAMED_SETTINGS.get(name, name)
+        if setting in SETTING_NAMES:
+            if value is not None:
+                flags[setting] = value
+        elif name not in COMMAND_PARAMETERS:
+            raise RuntimeError(f"command parameter {name!r} is neither a setting nor in options.COMMAND_PARAMETERS")
+    return flags
+
+
+def given(**flags: Any) -> dict[str, Any]:
+    """The flags the user actually gave (None means not given)."""
+    return {key: value for key, value in flags.items() if value is not None}

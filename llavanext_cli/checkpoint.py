@@ -62,10 +62,12 @@ class Checkpoint:
         return self.model.device
 
 
-def load_options(settings: Settings, compile: bool = False, max_memory: dict | None = None) -> LoadOptions:
+def load_options(settings: Settings) -> LoadOptions:
+    from llavanext_cli.loading import parse_max_memory
+
     return LoadOptions(
-        compile=compile,
-        max_memory=max_memory,
+        compile=settings.compile,
+        max_memory=parse_max_memory(settings.max_memory) if settings.max_memory else None,
         dtype=settings.dtype,
         quant=settings.quant,
         quant_type=settings.quant_type,
@@ -87,14 +89,13 @@ def choose_prompt_format(model_id: str, config: Any, processor: Any, requested: 
     )
 
 
-def open_checkpoint(settings: Settings, compile: bool = False, max_memory: dict | None = None,
-                    on_loaded: Callable[[], None] | None = None) -> Checkpoint:
+def open_checkpoint(settings: Settings, on_loaded: Callable[[], None] | None = None) -> Checkpoint:
     """Config, processor and prompt format now, the model on first use; errors are SetupError / UsageError with a
     hint. `on_loaded` is called once the weights are in memory."""
     config = load_config(settings.model, offline=settings.offline)
     processor = load_processor(settings.model, config, offline=settings.offline)
     prompt = choose_prompt_format(settings.model, config, processor, settings.prompt_format)
-    plan = plan_model(settings.model, config, load_options(settings, compile, max_memory))
+    plan = plan_model(settings.model, config, load_options(settings))
     if plan.device == "cpu":
         from llavanext_cli.concurrency import use_cpu_cores
 

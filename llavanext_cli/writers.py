@@ -1,0 +1,195 @@
+"""Where records go: the output formats (text, json, jsonl, csv), stdout or an output file written safely, the lock
+that keeps two runs off one file, and reading a jsonl file back for --resume."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+from llavanext_cli.errors import UsageError
+from llavanext_cli.records import JsonRecord, Record, csv_cell, csv_columns, text_line
+
+OUTPUT_FORMATS = ("text", "json", "jsonl", "csv")
+
+
+def format_for(requested: str | None, output: Path | None) -> str:
+    """--format, else the output file's extension (.jsonl, .json, .csv), else text."""
+    if requested:
+        return requested
+    if output is not None:
+        return {".jsonl": "jsonl", ".json": "json", ".csv": "csv"}.get(output.suffix.lower(), "text")
+    return "text"
+
+
+def records_to_csv(records: list[JsonRecord]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=csv_columns(records), lineterminator="\n")
+    writer.writeheader()
+    for record in records:
+        writer.writerow({key: csv_cell(value) for key, value in record.items()})
+    return buffer.getvalue()
+
+
+class RecordWriter:
+    """Records in one format on a stream: jsonl and text as each record arrives (flushed), json and csv whole at the
+    end. The text format carries answers only (people read failures on stderr)."""
+
+    def __init__(self, stream: IO[str], fmt: str, many: bool = True):
+        self.stream = stream
+        self.fmt = fmt
+        self.many = many
+        self.kept: list[JsonRecord] = []
+
+    def write(self, record: JsonRecord) -> None:
+        if self.fmt in ("json", "csv"):
+            self.kept.append(record)
+            return
+        if self.fmt == "jsonl":
+            self.stream.write(json.dumps(record, ensure_ascii=False) + "\n")
+        elif "error" not in record:
+            self.stream.write(text_line(record, self.many) + "\n")
+        self.stream.flush()
+
+    def finish(self) -> None:
+        if self.fmt == "json":
+            json.dump(self.kept, self.stream, ensure_ascii=False, indent=2)
+            self.stream.write("\n")
+        elif self.fmt == "csv":
+            self.stream.write(records_to_csv(self.kept))
+        self.stream.flush()
+
+
+class RecordSink:
+    """Where a run's records go: stdout, or -o FILE. jsonl files are appended and flushed record by record, so an
+    interrupted run keeps everything finished; json and csv files are written whole to a temporary file and renamed,
+    so they are complete or absent. Nothing is opened before the first record (a run that fails before it leaves
+    the output as it was). `shape` turns a record into the JSON written (the data-parallel shards add the input's
+    index)."""
+
+    def __init__(self, output: Path | None, fmt: str, many: bool,
+                 shape: Callable[[Record], JsonRecord] = lambda record: record.to_json()):
+        if fmt not in OUTPUT_FORMATS:
+            raise UsageError(f"unknown output format {fmt!r}: expected {', '.join(OUTPUT_FORMATS)}")
+        self.output = output
+        self.fmt = fmt
+        self.many = many
+        self.shape = shape
+        self._writer: RecordWriter | None = None
+        self._temporary: Path | None = None
+
+    def _open(self) -> RecordWriter:
+        output = self.output
+        try:
+            if output is None:
+                stream: IO[str] = sys.stdout
+            elif self.fmt in ("json", "csv"):
+                handle, name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
+                self._temporary = Path(name)
+                stream = os.fdopen(handle, "w", encoding="utf-8", newline="")
+            else:
+                stream = open(output, "a" if self.fmt == "jsonl" else "w", encoding="utf-8", newline="")
+        except OSError as exc:
+            raise UsageError(f"cannot write -o {output}: {exc.strerror or exc}") from None
+        return RecordWriter(stream, self.fmt, many=self.many)
+
+    def write(self, record: Record) -> None:
+        if self._writer is None:
+            self._writer = self._open()
+        self._writer.write(self.shape(record))
+
+    def close(self, complete: bool = True) -> None:
+        """Finish the output (a complete run with no record still writes an empty json array or csv header); an
+        incomplete json / csv run leaves no file behind."""
+        if self._writer is None:
+            if not complete:
+                return
+            self._writer = self._open()
+        stream = self._writer.stream
+        try:
+            if complete or self._temporary is None:
+                self._writer.finish()
+        finally:
+            if stream is not sys.stdout:
+                stream.close()
+        if self._temporary is not None:
+            if complete:
+                os.replace(self._temporary, self.output)
+            else:
+                self._temporary.unlink(missing_ok=True)
+
+
+def check_writable(path: Path) -> None:
+    """Open the output for appending now (and remove it again if that created it), so that an output the file system
+    refuses fails before any weights load (os.access says yes to root where a read-only mount says no)."""
+    existed = path.exists()
+    try:
+        with open(path, "a", encoding="utf-8"):
+            pass
+    except OSError as exc:
+        raise UsageError(f"cannot write -o {path}: {exc.strerror or exc}") from None
+    if not existed:
+        path.unlink(missing_ok=True)
+
+
+def read_finished_keys(path: Path, key_of: Callable[[JsonRecord], str | None]) -> set[str]:
+    """--resume: the keys of the success records already in a jsonl file. A last line cut off by an interruption
+    is dropped from the file so that appending continues on a clean line."""
+    if not path.exists():
+        return set()
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        cut = data.rfind(b"\n") + 1
+        with open(path, "r+b") as handle:
+            handle.truncate(cut)
+        data = data[:cut]
+    keys = set()
+    for number, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            raise UsageError(f"--resume: {path}:{number} is not a JSON record",
+                             hint="resume needs the jsonl file a previous run wrote") from None
+        key = key_of(record) if isinstance(record, dict) else None
+        if key is not None:
+            keys.add(key)
+    return keys
+
+
+def lock_path(output: Path) -> Path:
+    """The lock file of an output: hidden, beside it."""
+    return output.with_name(f".{output.name}.lock")
+
+
+class OutputLock:
+    """An exclusive lock on an output file for the length of a run, so that a second run appending to the same file
+    fails at once instead of interleaving its lines (filelock: flock on Unix, the Windows lock elsewhere, on a
+    hidden lock file beside the output, removed when the run ends)."""
+
+    def __init__(self, path: Path):
+        from filelock import FileLock, Timeout
+
+        self.path = path
+        self._lock: Any = FileLock(lock_path(path), timeout=0)
+        try:
+            self._lock.acquire()
+        except Timeout:
+            raise UsageError(f"another llava run is writing to {path}",
+                             hint="wait for it to finish, or choose another -o file") from None
+        except OSError as exc:
+            raise UsageError(f"cannot write -o {path}: {exc.strerror or exc}") from None
+
+    def release(self) -> None:
+        if self._lock is not None:
+            # Removed while still held: a run that opened it meanwhile finds the file unlinked and starts over.
+            Path(self._lock.lock_file).unlink(missing_ok=True)
+            self._lock.release()
+            self._lock = None

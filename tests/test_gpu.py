@@ -1,0 +1,152 @@
+"""The CUDA paths, on a machine with a GPU: `python -m pytest -m gpu` (skipped without CUDA, and left out of the
+default run). The rest of the suite hides the GPUs; these tests run the tool and plain transformers in processes
+that see them, and compare the answers the same way the CPU tests do."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from conftest import EXAMPLES, REPO, gpu_environment
+
+pytestmark = pytest.mark.gpu
+
+IMAGES = [EXAMPLES / "chelsea.png", EXAMPLES / "rocket.jpg", EXAMPLES / "coffee.png"]
+RENDERED = "[INST] <image>\nDescribe this image in detail. [/INST]"
+
+
+def llava_on_gpu(*args: str) -> list[dict]:
+    result = subprocess.run([sys.executable, "-m", "llavanext_cli", *map(str, args), "--format", "jsonl"],
+                            capture_output=True, text=True, env=gpu_environment(), cwd=str(REPO), timeout=600)
+    assert result.returncode == 0, result.stderr
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def python_on_gpu(code: str) -> object:
+    """Run `code` in a process that sees the GPUs; it prints one JSON value, returned here."""
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                            env=gpu_environment(), cwd=str(REPO), timeout=600)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def plain_transformers_on_gpu(checkpoint, max_new_tokens: int, **load: str) -> list[str]:
+    """The seeds' way on the GPU, one image at a time, with `load` added to from_pretrained (as Python source)."""
+    extra = "".join(f", {key}={value}" for key, value in load.items())
+    return python_on_gpu(f"""
+        import json, torch
+        from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
+        from llavanext_cli.images import load_image
+        processor = AutoProcessor.from_pretrained({str(checkpoint)!r})
+        model = AutoModelForImageTextToText.from_pretrained({str(checkpoint)!r}, device_map="cuda"{extra}).eval()
+        answers = []
+        for path in {[str(p) for p in IMAGES]!r}:
+            inputs = processor(images=load_image(path), text={RENDERED!r}, return_tensors="pt").to("cuda")
+            if inputs["pixel_values"].is_floating_point():
+                inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+            with torch.inference_mode():
+                output = model.generate(**inputs, max_new_tokens={max_new_tokens}, do_sample=False)
+            answers.append(processor.decode(output[0, inputs.input_ids.shape[1]:], skip_special_tokens=True).strip())
+        print(json.dumps(answers))
+    """)
+
+
+def test_bfloat16_on_cuda_equals_plain_transformers(tiny_next):
+    records = llava_on_gpu("caption", *IMAGES, "-m", tiny_next, "--device", "cuda", "--dtype", "bfloat16",
+                           "--max-new-tokens", "8")
+    assert [r["text"] for r in records] == plain_transformers_on_gpu(tiny_next, 8, dtype="torch.bfloat16")
+
+
+def test_float32_batches_on_cuda_equal_plain_transformers(tiny_next):
+    records = llava_on_gpu("caption", *IMAGES, "-m", tiny_next, "--device", "cuda", "--batch-size", "3",
+                           "--max-new-tokens", "8")
+    assert [r["text"] for r in records] == plain_transformers_on_gpu(tiny_next, 8, dtype="torch.float32")
+
+
+@pytest.mark.parametrize("quant,config", [
+    ("4bit", "BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4', bnb_4bit_compute_dtype=torch.float16, "
+             "llm_int8_skip_modules=['model.vision_tower', 'model.multi_modal_projector', 'lm_head'])"),
+    ("8bit", "BitsAndBytesConfig(load_in_8bit=True, "
+             "llm_int8_skip_modules=['model.vision_tower', 'model.multi_modal_projector', 'lm_head'])"),
+])
+def test_quantized_on_cuda(tiny_next, quant, config):
+    quantized = python_on_gpu(f"""
+        import json, torch
+        from llavanext_cli.loading import LoadOptions, load_config, load_model, quantized_module_names
+        model = load_model({str(tiny_next)!r}, load_config({str(tiny_next)!r}), LoadOptions(quant={quant!r},
+                           dtype="float16", device="cuda"))
+        names = set(quantized_module_names(model))
+        language = {{name for name, module in model.named_modules()
+                     if name.startswith("model.language_model") and isinstance(module, torch.nn.Linear)}}
+        print(json.dumps([bool(names), names == language, str(model.device)]))
+    """)
+    assert quantized == [True, True, "cuda:0"]
+    records = llava_on_gpu("caption", *IMAGES, "-m", tiny_next, "--device", "cuda", "--dtype", "float16",
+                           "--quant", quant, "--max-new-tokens", "8")
+    expected = plain_transformers_on_gpu(tiny_next, 8, dtype="torch.float16", quantization_config=config)
+    assert [r["text"] for r in records] == expected
+
+
+def test_sdpa_on_cuda_equals_plain_transformers(tiny_next):
+    records = llava_on_gpu("caption", *IMAGES, "-m", tiny_next, "--device", "cuda", "--attn", "sdpa",
+                           "--max-new-tokens", "8")
+    expected = plain_transformers_on_gpu(tiny_next, 8, dtype="torch.float32", attn_implementation="'sdpa'")
+    assert [r["text"] for r in records] == expected
+
+
+def test_device_auto_with_max_memory_spreads_by_accelerate(tiny_next):
+    plan = python_on_gpu(f"""
+        import json
+        from llavanext_cli.checkpoint import open_checkpoint
+        from llavanext_cli.settings import load_settings
+        settings = load_settings({{"model": {str(tiny_next)!r}, "device": "auto", "max_memory": "0=2GiB,cpu=8GiB"}},
+                                 env={{}})
+        checkpoint = open_checkpoint(settings)
+        kwargs = checkpoint.plan.kwargs
+        print(json.dumps([kwargs["device_map"], kwargs["max_memory"], str(checkpoint.model.device)]))
+    """)
+    assert plan == ["auto", {"0": 2 * 2**30, "cpu": 8 * 2**30}, "cuda:0"]
+    spread = llava_on_gpu("caption", *IMAGES, "-m", tiny_next, "--max-memory", "0=2GiB,cpu=8GiB",
+                          "--max-new-tokens", "8")
+    single = llava_on_gpu("caption", *IMAGES, "-m", tiny_next, "--device", "cuda", "--max-new-tokens", "8")
+    assert [r["text"] for r in spread] == [r["text"] for r in single]
+
+
+def test_compile_on_cuda_gives_the_same_answers(tiny_next):
+    compiled = llava_on_gpu("caption", *IMAGES, "-m", tiny_next, "--device", "cuda", "--compile",
+                            "--max-new-tokens", "8")
+    eager = llava_on_gpu("caption", *IMAGES, "-m", tiny_next, "--device", "cuda", "--max-new-tokens", "8")
+    assert [r["text"] for r in compiled] == [r["text"] for r in eager]
+
+
+def test_a_real_cuda_out_of_memory_halves_the_batch(tiny_next):
+    """Batches of more than one hit a real CUDA out-of-memory error (an allocation no GPU can hold); every item
+    still gets the answer it gets in a batch of one."""
+    texts = python_on_gpu(f"""
+        import json, torch
+        from llavanext_cli.answering import PromptJob, answer_jobs
+        from llavanext_cli.checkpoint import open_checkpoint
+        from llavanext_cli.generation import GenerationOptions
+        from llavanext_cli.records import Subject
+        from llavanext_cli.settings import load_settings
+        checkpoint = open_checkpoint(load_settings({{"model": {str(tiny_next)!r}, "device": "cuda"}}, env={{}}))
+        jobs = [PromptJob(Subject.of({str(IMAGES[0])!r}), "Describe this image in detail.")] * 4
+        options = GenerationOptions(max_new_tokens=6)
+        alone = [r.text for r in answer_jobs(checkpoint, jobs[:1], options)]
+        real_generate, sizes = checkpoint.model.generate, []
+        def generate(**kwargs):
+            sizes.append(kwargs["input_ids"].shape[0])
+            if kwargs["input_ids"].shape[0] > 1:
+                torch.empty(2**50, dtype=torch.uint8, device="cuda")  # raises torch.OutOfMemoryError
+            return real_generate(**kwargs)
+        checkpoint.model.generate = generate
+        halved = [r.text for r in answer_jobs(checkpoint, jobs, options, batch_size=4)]
+        print(json.dumps([alone, halved, sizes]))
+    """)
+    alone, halved, sizes = texts
+    assert halved == alone * 4
+    assert sizes[0] == 4 and max(sizes[1:]) < 4
