@@ -48,6 +48,46 @@ class _PreparedBatch:
     inputs: Any                                      # the processor's tensors, or None
 
 
+@dataclass
+class _PreparedGroup:
+    """Several questions about the same images: the images loaded and preprocessed once, the prompts' shared
+    beginning to be encoded once."""
+
+    indices: list[int]
+    shared: Any                                      # prefix_cache.SharedPrompts
+
+
+def group_by_subject(jobs: Sequence[PromptJob]) -> list[list[int]]:
+    """The job indices of each subject (the same image, or the same images together), in order of first appearance
+    (a --questions file may name an image on lines far apart)."""
+    groups: dict[Subject, list[int]] = {}
+    for index, job in enumerate(jobs):
+        groups.setdefault(job.subject, []).append(index)
+    return list(groups.values())
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A unit of work: the jobs of one subject asked several questions (`shared`), or a batch of other jobs."""
+
+    indices: list[int]
+    shared: bool
+
+
+def plan_units(jobs: Sequence[PromptJob], counts: Sequence[int], batch_size: int, tolerance: float,
+               share: bool) -> list[Unit]:
+    """The units of work, in order of their first job: each subject asked several questions is one unit (its image
+    shared by its prompts); the other jobs are batched by image-token count as usual."""
+    from llavanext_cli.pipeline import plan_batches
+
+    groups = group_by_subject(jobs) if share else [[index] for index in range(len(jobs))]
+    several = [Unit(group, shared=True) for group in groups if len(group) > 1]
+    singles = [group[0] for group in groups if len(group) == 1]
+    batches = [Unit([singles[i] for i in batch], shared=False)
+               for batch in plan_batches([counts[i] for i in singles], batch_size, tolerance)]
+    return sorted(several + batches, key=lambda unit: min(unit.indices))
+
+
 def answer_jobs(
     checkpoint: Checkpoint,
     jobs: Sequence[PromptJob],
@@ -58,12 +98,16 @@ def answer_jobs(
     fast_decode: bool = False,
     prefetch: bool = True,
     workers: int = 1,
+    share_prefixes: bool = True,
 ) -> Iterator[Record]:
     """Yield one record per job, in order; an unreadable image is an error record and the others go on.
-    Batches group jobs of similar image-token counts; the next batches are loaded and preprocessed in the
-    background while the model loads and generates, and `workers` batches are generated at once.
-    `on_text` receives the answer as it is generated (one job only)."""
-    from llavanext_cli.pipeline import plan_batches, prefetch_depth, run_pipelined, token_counts
+
+    Questions about the same image(s) form one unit: the image is loaded and preprocessed once, and the prompts'
+    shared beginning (the image's tokens included) runs through the model once, each prompt continuing from a copy
+    of its cache (`batch_size` prompts at a time). Other jobs are batched by image-token count. The next units are
+    loaded and preprocessed in the background while the model loads and generates, and `workers` units are
+    generated at once. `on_text` receives the answer as it is generated (one job only)."""
+    from llavanext_cli.pipeline import prefetch_depth, run_pipelined, token_counts
     from llavanext_cli.preprocessing import largest_model_edge, prepare_inputs
 
     processor = checkpoint.processor
@@ -72,30 +116,67 @@ def answer_jobs(
     # On a GPU a little padding costs less than a smaller batch; on a CPU every padded token is paid in full.
     tolerance = 0.0 if on_cpu else 0.1
     counts = token_counts(processor, [job.subject.images for job in jobs], batch_size)
-    batches = plan_batches(counts, batch_size, tolerance)
-    workers = max(1, min(workers, len(batches)))
+    # Beam search keeps a cache per beam: prompts share their beginning in greedy and sampled decoding only.
+    units = plan_units(jobs, counts, batch_size, tolerance, share=share_prefixes and options.num_beams == 1)
+    workers = max(1, min(workers, len(units)))
     cancelled = threading.Event()
     if on_cpu:  # before any worker thread starts: each thread takes torch's thread count when it first runs
         from llavanext_cli.concurrency import use_cpu_cores
 
         use_cpu_cores(workers)
 
-    def prepare(indices: list[int]) -> _PreparedBatch:
+    def render(job: PromptJob, images: list[Any]) -> str:
+        return checkpoint.prompt.format.render(single_image_conversation(job.prompt, len(images)))
+
+    def prepare_batch(indices: list[int], loaded: dict[int, list[Any]]) -> _PreparedBatch:
         failed: dict[int, Record] = {}
         ready = []
         for index in indices:
             job = jobs[index]
             try:
-                ready.append((index, job, _load_job_images(job, fetching, draft_edge)))
+                images = loaded[index] if index in loaded else _load_job_images(job, fetching, draft_edge)
+                ready.append((index, job, images))
             except InputError as exc:
                 failed[index] = Failure(job.subject, exc.message, job.extra)
-        prompts = [checkpoint.prompt.format.render(single_image_conversation(job.prompt, len(images)))
-                   for _, job, images in ready]
+        prompts = [render(job, images) for _, job, images in ready]
         inputs = prepare_inputs(checkpoint, prompts, [images for _, _, images in ready]) if ready else None
         return _PreparedBatch(failed, ready, prompts, inputs)
 
-    def run(batch: _PreparedBatch) -> Iterator[tuple[int, Record]]:
+    def prepare(unit: Unit) -> list[_PreparedBatch | _PreparedGroup]:
+        indices = unit.indices
+        if not unit.shared:
+            return [prepare_batch(indices, {})]
+        from llavanext_cli.prefix_cache import prepare_shared
+
+        first = jobs[indices[0]]
+        try:
+            images = _load_job_images(first, fetching, draft_edge)
+        except InputError as exc:
+            return [_PreparedBatch({i: Failure(jobs[i].subject, exc.message, jobs[i].extra) for i in indices}, [],
+                                   [], None)]
+        shared = prepare_shared(checkpoint, [render(jobs[i], images) for i in indices], images)
+        if shared is None:  # the prompts cannot share their beginning: one at a time, the images loaded once
+            return [prepare_batch([index], {index: images}) for index in indices]
+        return [_PreparedGroup(indices, shared)]
+
+    def run(prepared: list[_PreparedBatch | _PreparedGroup]) -> Iterator[tuple[int, Record]]:
         checkpoint.load()  # the weights load on first use: a checkpoint that fails to load writes no record
+        for part in prepared:
+            if isinstance(part, _PreparedGroup):
+                yield from _run_group(part)
+            else:
+                yield from _run_batch(part)
+
+    def _run_group(group: _PreparedGroup) -> Iterator[tuple[int, Record]]:
+        from llavanext_cli.prefix_cache import generate_shared
+
+        results = generate_shared(checkpoint, group.shared, options, rows_per_pass=batch_size, cancelled=cancelled)
+        for index, result in zip(group.indices, results):
+            job = jobs[index]
+            yield index, Answer(job.subject, job.prompt, result.text, checkpoint.model_id, result.new_tokens,
+                                result.seconds, job.extra)
+
+    def _run_batch(batch: _PreparedBatch) -> Iterator[tuple[int, Record]]:
         yield from batch.failed.items()
         if not batch.ready:
             return
@@ -105,7 +186,7 @@ def answer_jobs(
             yield index, Answer(job.subject, job.prompt, result.text, checkpoint.model_id, result.new_tokens,
                                 result.seconds, job.extra)
 
-    yield from run_pipelined(prepare, run, batches, prefetch=prefetch, workers=workers,
+    yield from run_pipelined(prepare, run, units, prefetch=prefetch, workers=workers,
                              depth=prefetch_depth(batch_size, workers), cancelled=cancelled)
 
 

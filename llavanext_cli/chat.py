@@ -1,6 +1,12 @@
 """A multi-turn conversation about images: history in the Hugging Face chat format, rendered in full every turn
 with the resolved prompt format, oldest turns dropped (and reported) when the context overflows, and transcripts
-that save and load."""
+that save and load.
+
+The conversation keeps its key/value cache between turns (prefix_cache.ConversationCache): each turn's rendered
+prompt is compared, token by token, with what the cache holds, and only what differs runs through the model, new
+images included; each image is decoded and preprocessed once, when it is attached. So a turn costs its new
+tokens, not the whole history. What the cache holds is bounded by the model's context (the oldest turns are
+dropped to fit it)."""
 
 from __future__ import annotations
 
@@ -17,6 +23,8 @@ from llavanext_cli.checkpoint import Checkpoint
 from llavanext_cli.errors import InputError, UsageError
 from llavanext_cli.generation import GenerationOptions, generate
 from llavanext_cli.images import ImageFetching, image_from_bytes, is_url, load_image
+from llavanext_cli.prefix_cache import (
+    ConversationCache, expand_image_tokens, image_token_id, image_token_runs, process_images, tokenize)
 from llavanext_cli.preprocessing import prepare_inputs
 
 Message = dict[str, Any]
@@ -27,12 +35,15 @@ class ChatReply:
     text: str
     new_tokens: int
     dropped_turns: int = 0
+    reused_tokens: int = 0  # prompt tokens taken from the conversation's cache instead of run again
 
 
 @dataclass
 class _Picture:
     image: Image.Image
     sha256: str
+    tensors: dict[str, Any]  # the image processor's output for this image alone
+    image_tokens: int        # how many image tokens stand for it in a prompt
 
 
 def _sha256_of_path(source: str, fetching: ImageFetching) -> tuple[bytes | None, str]:
@@ -61,12 +72,16 @@ class ChatSession:
     messages: list[Message] = field(default_factory=list)
     pending: list[dict[str, Any]] = field(default_factory=list)
     _pictures: dict[str, _Picture] = field(default_factory=dict)
+    _cache: ConversationCache = field(default_factory=ConversationCache)
+    _ids_checked: bool = False  # the first prompt with images was checked against the processor's own ids
+    _cache_usable: bool = True
 
     # -- images ---------------------------------------------------------------------------------------------
     def _picture(self, source: str) -> _Picture:
         data, digest = _sha256_of_path(source, self.fetching)
         image = image_from_bytes(data, source) if is_url(source) else load_image(source)
-        picture = _Picture(image, digest)
+        tensors, [count] = process_images(self.checkpoint, [image])
+        picture = _Picture(image, digest, tensors, count)
         self._pictures[source] = picture
         return picture
 
@@ -81,30 +96,39 @@ class ChatSession:
     def reset(self) -> None:
         self.messages.clear()
         self.pending.clear()
+        self._cache.clear()
 
     def _conversation(self, messages: list[Message]) -> list[Message]:
         system = [{"role": "system", "content": [{"type": "text", "text": self.system}]}] if self.system else []
         return system + messages
 
-    def _prepare(self, messages: list[Message]) -> tuple[str, list[Image.Image], Any]:
-        """The rendered prompt of the whole conversation, its images, and the processor's tensors."""
+    def _pictures_of(self, messages: list[Message]) -> list[_Picture]:
+        return [self._pictures[item["path"]] for m in messages for item in _items(m) if item.get("type") == "image"]
+
+    def _prepare(self, messages: list[Message]) -> tuple[str, list[_Picture], list[int]]:
+        """The rendered prompt of the whole conversation, its pictures, and its token ids (each image tag expanded
+        to its image's tokens: no image is preprocessed again)."""
         prompt = self.checkpoint.prompt.format.render(self._conversation(messages))
-        images = [self._pictures[item["path"]].image for m in messages for item in _items(m)
-                  if item.get("type") == "image"]
-        return prompt, images, prepare_inputs(self.checkpoint, [prompt], [images])
+        pictures = self._pictures_of(messages)
+        processor = self.checkpoint.processor
+        ids = expand_image_tokens(tokenize(processor, prompt), image_token_id(processor),
+                                  [picture.image_tokens for picture in pictures])
+        if ids is None:
+            raise UsageError("the prompt format rendered another number of image tags than there are images")
+        return prompt, pictures, ids
 
     def _context_limit(self) -> int | None:
         text = self.checkpoint.config.text_config
         return getattr(text, "max_position_embeddings", None)
 
-    def _fit(self, messages: list[Message]) -> tuple[list[Message], int, tuple[str, list[Image.Image], Any]]:
+    def _fit(self, messages: list[Message]) -> tuple[list[Message], int, tuple[str, list[_Picture], list[int]]]:
         """Drop the oldest exchanges until the prompt and the answer fit the model's context; returns the
-        messages kept, how many exchanges were dropped, and the prepared prompt (each turn is prepared once)."""
+        messages kept, how many exchanges were dropped, and the prepared prompt."""
         limit = self._context_limit()
         dropped = 0
         while True:
             prepared = self._prepare(messages)
-            if limit is None or prepared[2]["input_ids"].shape[1] + self.options.max_new_tokens <= limit:
+            if limit is None or len(prepared[2]) + self.options.max_new_tokens <= limit:
                 return messages, dropped, prepared
             user_turns = [i for i, m in enumerate(messages) if m["role"] == "user"]
             if len(user_turns) <= 1:
@@ -113,17 +137,46 @@ class ChatSession:
             messages = messages[user_turns[1]:]
             dropped += 1
 
+    def _uses_cache(self, prompt: str, pictures: list[_Picture], ids: list[int]) -> bool:
+        """Whether this turn continues from the conversation's cache: in greedy and sampled decoding (beam search
+        keeps a cache per beam), and once the ids built here proved equal to the processor's own (checked on the
+        first prompt with images; where they differ, every turn runs whole, as the processor prepares it)."""
+        if self.options.num_beams != 1 or not self._cache_usable:
+            return False
+        if len(image_token_runs(ids, image_token_id(self.checkpoint.processor))) != len(pictures):
+            return False  # two image tags rendered side by side: which tokens are whose is not known here
+        if pictures and not self._ids_checked:
+            inputs = prepare_inputs(self.checkpoint, [prompt], [[picture.image for picture in pictures]])
+            self._ids_checked = True
+            self._cache_usable = inputs["input_ids"][0].tolist() == ids
+        return self._cache_usable
+
     def send(self, text: str, on_text: Callable[[str], None] | None = None) -> ChatReply:
         """Add a user turn (with the pending images), generate the answer from the whole history, keep both.
         If generation is interrupted (KeyboardInterrupt), the history is left as it was before the turn."""
         content = [*self.pending, {"type": "text", "text": text}]
         candidate = [*self.messages, {"role": "user", "content": content}]
-        candidate, dropped, (prompt, images, inputs) = self._fit(candidate)
-        [result] = generate(self.checkpoint, [prompt], [images], self.options, on_text=on_text, inputs=inputs)
+        candidate, dropped, (prompt, pictures, ids) = self._fit(candidate)
+        if self._uses_cache(prompt, pictures, ids):
+            result = self._cache.generate(self.checkpoint, ids, [picture.tensors for picture in pictures],
+                                          self.options, on_text=on_text)
+            reused = self._cache.reused
+        else:
+            images = [picture.image for picture in pictures]
+            [result] = generate(self.checkpoint, [prompt], [images], self.options, on_text=on_text)
+            reused = 0
         candidate.append({"role": "assistant", "content": [{"type": "text", "text": result.text}]})
         self.messages = candidate
         self.pending = []
-        return ChatReply(result.text, result.new_tokens, dropped)
+        self._forget_unused_pictures()
+        return ChatReply(result.text, result.new_tokens, dropped, reused)
+
+    def _forget_unused_pictures(self) -> None:
+        """Keep the tensors of the images still in the conversation only."""
+        used = {item["path"] for m in self.messages for item in _items(m) if item.get("type") == "image"}
+        used |= {item["path"] for item in self.pending}
+        for source in [source for source in self._pictures if source not in used]:
+            del self._pictures[source]
 
     # -- transcripts ----------------------------------------------------------------------------------------
     def transcript(self, settings: dict[str, Any]) -> dict[str, Any]:
@@ -181,6 +234,7 @@ class ChatSession:
         self.messages = restored
         self.system = system
         self.pending = []
+        self._cache.clear()
         return warnings
 
 

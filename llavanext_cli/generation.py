@@ -84,23 +84,39 @@ def generate(
 def _generate_batch(checkpoint: Checkpoint, prompts: Sequence[str], images: Sequence[Sequence[Image.Image]],
                     options: GenerationOptions, on_text: Callable[[str], None] | None, inputs: Any,
                     cancelled: threading.Event | None) -> list[Generation]:
+    start = time.perf_counter()
+    if inputs is None:
+        inputs = prepare_inputs(checkpoint, prompts, images)
+    results, _ = generate_from_inputs(checkpoint, inputs, options, on_text=on_text, cancelled=cancelled, start=start)
+    return results
+
+
+def generate_from_inputs(checkpoint: Checkpoint, inputs: Any, options: GenerationOptions,
+                         on_text: Callable[[str], None] | None = None, cancelled: threading.Event | None = None,
+                         past_key_values: Any = None, start: float | None = None,
+                         extra_seconds: float = 0.0) -> tuple[list[Generation], Any]:
+    """`model.generate` over prepared tensors (input_ids, attention_mask and the image tensors of the images whose
+    tokens are not in `past_key_values`), continuing from `past_key_values` when given: one Generation per row,
+    and the output sequences (the prompt's ids followed by the new ones). `extra_seconds` is added to each row's
+    time (its share of work done once for several rows, such as a shared prefix)."""
     import torch
 
     if options.seed is not None:
         torch.manual_seed(options.seed)
-    start = time.perf_counter()
-    if inputs is None:
-        inputs = prepare_inputs(checkpoint, prompts, images)
-    inputs = inputs.to(checkpoint.device)
+    start = time.perf_counter() if start is None else start
+    inputs = {key: value.to(checkpoint.device) for key, value in inputs.items()}
     if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
         inputs["pixel_values"] = inputs["pixel_values"].to(checkpoint.model.dtype)
     tokenizer = checkpoint.processor.tokenizer
-    streamer = _CallbackStreamer(tokenizer, on_text) if on_text is not None and len(prompts) == 1 else None
+    rows = inputs["input_ids"].shape[0]
+    streamer = _CallbackStreamer(tokenizer, on_text) if on_text is not None and rows == 1 else None
     extra = {"stopping_criteria": _stop_when_set(cancelled)} if cancelled is not None else {}
+    if past_key_values is not None:
+        extra["past_key_values"] = past_key_values
     with torch.inference_mode():
         output = checkpoint.model.generate(**inputs, pad_token_id=tokenizer.pad_token_id, streamer=streamer,
                                            **extra, **options.generate_kwargs())
-    seconds = (time.perf_counter() - start) / max(len(prompts), 1)
+    seconds = (time.perf_counter() - start) / max(rows, 1) + extra_seconds
     prompt_length = inputs["input_ids"].shape[1]
     stop_ids = _stop_token_ids(checkpoint)
     results = []
@@ -113,7 +129,7 @@ def _generate_batch(checkpoint: Checkpoint, prompts: Sequence[str], images: Sequ
                 break
         text = tokenizer.decode(new, skip_special_tokens=True).strip()
         results.append(Generation(text=text, new_tokens=count, seconds=round(seconds, 4)))
-    return results
+    return results, output
 
 
 def _stop_token_ids(checkpoint: Checkpoint) -> set[int]:

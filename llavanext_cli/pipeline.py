@@ -222,8 +222,8 @@ def run_concurrently(run: Callable[[Any], Iterable[tuple[int, T]]], source: Sour
             thread.join()
 
 
-def run_pipelined(prepare: Callable[[list[int]], Any], run: Callable[[Any], Iterable[tuple[int, T]]],
-                  batches: Sequence[list[int]], prefetch: bool = True, workers: int = 1, depth: int = 2,
+def run_pipelined(prepare: Callable[[Any], Any], run: Callable[[Any], Iterable[tuple[int, T]]],
+                  batches: Sequence[Any], prefetch: bool = True, workers: int = 1, depth: int = 2,
                   cancelled: threading.Event | None = None) -> Iterator[T]:
     """prepare(batch) in the background (at most `depth` batches ahead), run(prepared) here or, with
     `workers` > 1, in that many threads at once; results in input order. `cancelled` is set when the consumer

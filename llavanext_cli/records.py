@@ -142,14 +142,16 @@ def resume_key(record: Mapping[str, Any]) -> str | None:
 # --- how records read in text and CSV -----------------------------------------------------------------------
 
 
-def text_line(record: JsonRecord, many: bool) -> str:
-    """The human format: the answer alone for one input; `input<TAB>answer` a line for several (greppable; newlines
-    inside an answer are shown as spaces, use --format jsonl for the exact text)."""
+def text_line(record: JsonRecord, many: bool, with_prompt: bool = False) -> str:
+    """The human format: the answer alone for one input; `input<TAB>answer` a line for several, and
+    `input<TAB>prompt<TAB>answer` where the inputs are asked different questions (greppable; newlines inside an
+    answer are shown as spaces, use --format jsonl for the exact text)."""
     body = str(record["label"] if "label" in record else record.get("text", ""))
     if not many:
         return body
     subject = record["image"] if "image" in record else " ".join(map(str, record.get("images", [])))
-    return f"{subject}\t" + " ".join(body.split("\n"))
+    prompt = " ".join(str(record.get("prompt", "")).split()) + "\t" if with_prompt else ""
+    return f"{subject}\t{prompt}" + " ".join(body.split("\n"))
 
 
 def csv_columns(records: Iterable[JsonRecord]) -> list[str]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,9 +51,16 @@ def existing_shards(output: Path) -> list[Path]:
     return sorted(output.parent.glob(f"{output.name}.rank*.part"))
 
 
-def is_mine(index: int, parallel: DataParallel | ProcessGroup) -> bool:
-    """Input `index` of the whole command belongs to exactly one process: every world_size-th, from its rank."""
-    return index % parallel.world_size == parallel.rank
+def my_share(jobs: Sequence[Any], parallel: Any) -> list[tuple[int, Any]]:
+    """This process's jobs, with their positions among the whole command's jobs: every world_size-th subject (an
+    image, with all the questions about it, so that it is encoded once), counted in order of first appearance."""
+    ordinals: dict[Any, int] = {}
+    mine = []
+    for index, job in enumerate(jobs):
+        ordinal = ordinals.setdefault(job.subject, len(ordinals))
+        if ordinal % parallel.world_size == parallel.rank:
+            mine.append((index, job))
+    return mine
 
 
 def shard_shape(indices: Iterable[int]) -> Callable[[Any], dict[str, Any]]:

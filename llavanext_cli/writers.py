@@ -41,10 +41,11 @@ class RecordWriter:
     """Records in one format on a stream: jsonl and text as each record arrives (flushed), json and csv whole at the
     end. The text format carries answers only (people read failures on stderr)."""
 
-    def __init__(self, stream: IO[str], fmt: str, many: bool = True):
+    def __init__(self, stream: IO[str], fmt: str, many: bool = True, with_prompt: bool = False):
         self.stream = stream
         self.fmt = fmt
         self.many = many
+        self.with_prompt = with_prompt
         self.kept: list[JsonRecord] = []
 
     def write(self, record: JsonRecord) -> None:
@@ -54,7 +55,7 @@ class RecordWriter:
         if self.fmt == "jsonl":
             self.stream.write(json.dumps(record, ensure_ascii=False) + "\n")
         elif "error" not in record:
-            self.stream.write(text_line(record, self.many) + "\n")
+            self.stream.write(text_line(record, self.many, self.with_prompt) + "\n")
         self.stream.flush()
 
     def finish(self) -> None:
@@ -73,13 +74,14 @@ class RecordSink:
     the output as it was). `shape` turns a record into the JSON written (the data-parallel shards add the input's
     index)."""
 
-    def __init__(self, output: Path | None, fmt: str, many: bool,
+    def __init__(self, output: Path | None, fmt: str, many: bool, with_prompt: bool = False,
                  shape: Callable[[Record], JsonRecord] = lambda record: record.to_json()):
         if fmt not in OUTPUT_FORMATS:
             raise UsageError(f"unknown output format {fmt!r}: expected {', '.join(OUTPUT_FORMATS)}")
         self.output = output
         self.fmt = fmt
         self.many = many
+        self.with_prompt = with_prompt
         self.shape = shape
         self._writer: RecordWriter | None = None
         self._temporary: Path | None = None
@@ -97,7 +99,7 @@ class RecordSink:
                 stream = open(output, "a" if self.fmt == "jsonl" else "w", encoding="utf-8", newline="")
         except OSError as exc:
             raise UsageError(f"cannot write -o {output}: {exc.strerror or exc}") from None
-        return RecordWriter(stream, self.fmt, many=self.many)
+        return RecordWriter(stream, self.fmt, many=self.many, with_prompt=self.with_prompt)
 
     def write(self, record: Record) -> None:
         if self._writer is None:

@@ -45,6 +45,21 @@ def test_two_processes_merge_into_the_one_process_result(tmp_path, tiny_next):
     assert _records(out) == _records(single)  # record for record, in input order
 
 
+def test_two_processes_share_whole_images_of_several_questions(tmp_path, tiny_next):
+    """ask -q A -q B under two processes: each takes whole images (encoded once for both questions there); the
+    merged records equal a one-process run's, in input order."""
+    folder = folder_of_examples(tmp_path / "images", 5)
+    out = tmp_path / "out.jsonl"
+    questions = ("-q", "What is it?", "-q", "Is it indoors?")
+    process = _launch("ask", folder, *questions, "-m", tiny_next, "--max-new-tokens", "4", "-o", out, port=29615)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr
+    assert "process 0 of 2 takes 6 inputs" in stderr and "process 1 of 2 takes 4 inputs" in stderr
+    single = tmp_path / "single.jsonl"
+    assert run_cli("ask", folder, *questions, "-m", tiny_next, "--max-new-tokens", "4", "-o", single).exit_code == 0
+    assert _records(out) == _records(single)
+
+
 def test_a_killed_rank_then_resume_completes_the_set(tmp_path, tiny_next):
     folder = folder_of_examples(tmp_path / "images", 40)
     out = tmp_path / "out.jsonl"

@@ -13,8 +13,9 @@ from llavanext_cli.errors import UsageError
 
 def ask(
     images: opt.ImagesArg = None,
-    question: Annotated[Optional[str], typer.Option("-q", "--question", help="The question to ask about each image.",
-                                                    show_default=False)] = None,
+    question: Annotated[Optional[list[str]], typer.Option(
+        "-q", "--question", help="The question to ask about each image; repeat it for several questions (one "
+        "record per image and question, each image encoded once for all of them).", show_default=False)] = None,
     together: Annotated[bool, typer.Option("--together", help="Ask one question about all the images at once "
                                                               "(one multi-image prompt, one record).")] = False,
     questions: Annotated[Optional[str], typer.Option(
@@ -52,6 +53,8 @@ def ask(
 
       llava ask sign.jpg -q "What does the sign say?"
 
+      llava ask photos/ -q "What is it?" -q "How many people?" -q "Indoors?" -o answers.jsonl
+
       llava ask before.jpg after.jpg --together -q "What changed between these pictures?"
 
       llava ask --questions vqa.jsonl -o answers.jsonl --batch-size 8
@@ -65,8 +68,10 @@ def ask(
 
     if questions is not None and (question is not None or images or together):
         raise UsageError("--questions takes its images and questions from the file: drop IMAGES, -q and --together")
-    if questions is None and (question is None or not question.strip()):
+    if questions is None and not question:
         raise UsageError("no question", hint="pass -q QUESTION, or --questions FILE.jsonl")
+    if questions is None and any(not text.strip() for text in question):
+        raise UsageError("empty question in -q", hint="each -q takes a question: -q \"What is it?\"")
     if questions is None and not images:
         raise UsageError("no input images", hint="pass image files, directories, quoted globs, URLs or - for stdin")
     settings = settings_for(flags, config)
@@ -74,6 +79,6 @@ def ask(
         jobs = open_questions(questions, sys.stdin)
     else:
         found = expand_inputs(images, recursive=recursive, stdin=sys.stdin)
-        jobs = [PromptJob(Subject(tuple(found), together=True), question)] if together else \
-            [PromptJob(Subject.of(image), question) for image in found]
+        subjects = [Subject(tuple(found), together=True)] if together else [Subject.of(image) for image in found]
+        jobs = [PromptJob(subject, text) for subject in subjects for text in question]  # image-major
     return answer(settings, jobs, output, resume, verbose)

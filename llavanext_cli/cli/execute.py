@@ -15,12 +15,14 @@ from llavanext_cli.cli.console import stderr
 from llavanext_cli.cli.output import Display, stream_to_stdout, write_records
 from llavanext_cli.cli.run import Run, check_output, open_run
 from llavanext_cli.errors import EXIT_INPUT_FAILED
-from llavanext_cli.records import JsonRecord, Record, resume_key
+from llavanext_cli.records import JsonRecord, Record, Subject, resume_key
 from llavanext_cli.settings import Settings
 from llavanext_cli.writers import OutputLock, RecordSink, format_for, read_finished_keys
 
 
 class Job(Protocol):
+    subject: Subject  # what the job is about: its image, or images
+
     def key(self) -> str:
         """What --resume matches a finished record to this job by (`records.resume_key` of its record)."""
 
@@ -79,7 +81,10 @@ def execute(settings: Settings, jobs: Sequence[Job], records_for: RecordsFor, ou
             progress=len(remaining) > 1 and stderr.is_terminal,
         )
         records = records_for(run, remaining, stream_to_stdout if display.streamed else None)
-        return write_records(records, RecordSink(output, fmt, many=len(jobs) > 1), len(remaining), display)
+        # Text lines name the prompt too when the jobs ask more than one (ask -q A -q B, --questions).
+        several_prompts = len({getattr(job, "prompt", None) for job in jobs}) > 1
+        sink = RecordSink(output, fmt, many=len(jobs) > 1, with_prompt=several_prompts)
+        return write_records(records, sink, len(remaining), display)
     finally:
         if lock is not None:
             lock.release()
@@ -90,7 +95,7 @@ def _execute_shard(settings: Settings, jobs: Sequence[Job], records_for: Records
     """One process of a data-parallel run. --resume is implied: whatever the output or any shard already holds
     is not redone, so a rerun after a crash completes the set."""
     from llavanext_cli.sharding import (
-        ProcessGroup, existing_shards, is_mine, merge_shards, read_shard_records, require_jsonl_output, shard_path,
+        ProcessGroup, existing_shards, merge_shards, my_share, read_shard_records, require_jsonl_output, shard_path,
         shard_shape)
 
     output = require_jsonl_output(output, fmt)
@@ -105,7 +110,7 @@ def _execute_shard(settings: Settings, jobs: Sequence[Job], records_for: Records
         finished = read_finished_keys(output, resume_key)
         for path in existing_shards(output):
             finished.update(key for key in map(resume_key, read_shard_records(path)) if key is not None)
-        mine = [(index, job) for index, job in enumerate(jobs) if is_mine(index, group) and job.key() not in finished]
+        mine = [(index, job) for index, job in my_share(jobs, group) if job.key() not in finished]
         stderr.print(f"llava: process {group.rank} of {group.world_size} takes {len(mine)} inputs.", highlight=False)
         failed = 0
         if mine:

@@ -1,0 +1,264 @@
+"""Prompts that begin alike pay for their beginning once.
+
+Several questions about one image render to prompts that share everything up to where the questions differ,
+the image's ~2,000 tokens included; the turns of a conversation render to prompts that each extend the last. Here
+the shared part is decoded, preprocessed and run through the model once, and each prompt continues from a copy
+of its key/value cache (transformers' prompt reuse: `generate(..., past_key_values=cache)`): the image is encoded
+once for all its questions, and a chat turn runs only its new tokens (and its new images) through the model.
+
+Token ids are built without running the image processor for every prompt: the processor turns each image tag
+into a run of image tokens whose length depends on the image alone, so a prompt's ids are its tokenized text with
+each image tag expanded to its image's run. The expansion is checked against the processor's own output for the
+first prompt of each group; where they differ, or where the shared part would end inside an image, the prompts
+are run the ordinary way.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from PIL import Image
+
+from llavanext_cli.generation import Generation, GenerationOptions, generate_from_inputs, is_out_of_memory
+from llavanext_cli.preprocessing import identity_image_steps
+
+
+def image_token_id(processor: Any) -> int:
+    return processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+
+
+def expand_image_tokens(ids: Sequence[int], image_token: int, counts: Sequence[int]) -> list[int] | None:
+    """The ids with the k-th image token repeated counts[k] times; None if the prompt has another number of images."""
+    expanded: list[int] = []
+    image = 0
+    for token in ids:
+        if token == image_token:
+            if image >= len(counts):
+                return None
+            expanded.extend([token] * counts[image])
+            image += 1
+        else:
+            expanded.append(token)
+    return expanded if image == len(counts) else None
+
+
+def image_token_runs(ids: Sequence[int], image_token: int) -> list[tuple[int, int]]:
+    """(start, end) of each run of image tokens."""
+    runs = []
+    start = None
+    for position, token in enumerate(ids):
+        if token == image_token and start is None:
+            start = position
+        elif token != image_token and start is not None:
+            runs.append((start, position))
+            start = None
+    if start is not None:
+        runs.append((start, len(ids)))
+    return runs
+
+
+def common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
+    """How many leading ids all the sequences share."""
+    shortest = min(len(sequence) for sequence in sequences)
+    for position in range(shortest):
+        token = sequences[0][position]
+        if any(sequence[position] != token for sequence in sequences[1:]):
+            return position
+    return shortest
+
+
+def tokenize(processor: Any, prompt: str) -> list[int]:
+    """A prompt's ids with each image tag as one image token (what the processor tokenizes after expanding them)."""
+    return list(processor.tokenizer(prompt)["input_ids"])
+
+
+def process_images(checkpoint: Any, images: Sequence[Image.Image]) -> tuple[dict[str, Any], list[int]]:
+    """The image processor's tensors for these images and each image's run of image tokens, from one processor
+    call on a prompt of their tags alone (the image processor runs once per image)."""
+    processor = checkpoint.processor
+    skips = identity_image_steps(processor.image_processor)
+    tags = "\n".join([processor.image_token] * len(images))
+    inputs = processor(images=list(images), text=[tags], return_tensors="pt", **skips)
+    runs = image_token_runs(inputs["input_ids"][0].tolist(), image_token_id(processor))
+    tensors = {key: value for key, value in inputs.items() if key not in ("input_ids", "attention_mask")}
+    return tensors, [end - start for start, end in runs]
+
+
+# --- several prompts about the same images --------------------------------------------------------------------
+
+
+@dataclass
+class SharedPrompts:
+    """Prompts about the same images, ready to share their beginning: each prompt's ids, the image tensors (for
+    the shared part), and how many leading ids they share (every image token among them)."""
+
+    ids: list[list[int]]
+    image_tensors: dict[str, Any]
+    prefix_length: int
+
+
+def prepare_shared(checkpoint: Any, prompts: Sequence[str], images: Sequence[Image.Image]) -> SharedPrompts | None:
+    """The prompts' ids from one processor call (on the first prompt: the image processor runs once per image),
+    or None where they cannot share their beginning: the other prompts' expansion would not be the processor's
+    (two image tags in a row merge their runs), or the shared part would not hold every image whole."""
+    processor = checkpoint.processor
+    image_token = image_token_id(processor)
+    skips = identity_image_steps(processor.image_processor)
+    first = processor(images=list(images), text=[prompts[0]], return_tensors="pt", **skips)
+    first_ids = first["input_ids"][0].tolist()
+    counts = [end - start for start, end in image_token_runs(first_ids, image_token)]
+    ids = [expand_image_tokens(tokenize(processor, prompt), image_token, counts) for prompt in prompts]
+    if ids[0] != first_ids or any(row is None for row in ids):
+        return None
+    # At least one id of every prompt is left after the shared part: generation starts from a prompt's last id.
+    length = min(common_prefix_length(ids), min(len(row) for row in ids) - 1)
+    if any(end > length for _, end in image_token_runs(first_ids, image_token)):
+        return None
+    tensors = {key: value for key, value in first.items() if key not in ("input_ids", "attention_mask")}
+    return SharedPrompts(ids, tensors, length)
+
+
+def encode_prefix(checkpoint: Any, shared: SharedPrompts) -> Any:
+    """The shared ids (images included) run through the model once: their key/value cache."""
+    import torch
+
+    model = checkpoint.model
+    prefix = torch.tensor([shared.ids[0][:shared.prefix_length]], device=checkpoint.device)
+    tensors = {key: value.to(checkpoint.device) for key, value in shared.image_tensors.items()}
+    if "pixel_values" in tensors and tensors["pixel_values"].is_floating_point():
+        tensors["pixel_values"] = tensors["pixel_values"].to(model.dtype)
+    with torch.inference_mode():
+        output = model(input_ids=prefix, attention_mask=torch.ones_like(prefix), use_cache=True, logits_to_keep=1,
+                       **tensors)
+    return output.past_key_values
+
+
+def generate_shared(checkpoint: Any, shared: SharedPrompts, options: GenerationOptions, rows_per_pass: int = 1,
+                    cancelled: threading.Event | None = None) -> list[Generation]:
+    """One answer per prompt: the shared part encoded once, each prompt continued from a copy of its cache
+    (`rows_per_pass` prompts at a time, over the cache repeated; their differing parts left-padded, with positions
+    that ignore the padding). The shared part's time is split over the prompts."""
+    start = time.perf_counter()
+    cache = encode_prefix(checkpoint, shared)
+    share = (time.perf_counter() - start) / len(shared.ids)
+    order = list(range(len(shared.ids)))
+    chunks = [order[i:i + max(rows_per_pass, 1)] for i in range(0, len(order), max(rows_per_pass, 1))]
+    results: list[Generation] = []
+    for number, chunk in enumerate(chunks):
+        last = number == len(chunks) - 1
+        results += _continue(checkpoint, shared, cache, chunk, options, cancelled, share, reuse=last)
+    return results
+
+
+def _continue(checkpoint: Any, shared: SharedPrompts, cache: Any, rows: list[int], options: GenerationOptions,
+              cancelled: threading.Event | None, share: float, reuse: bool) -> list[Generation]:
+    """The prompts `rows` continued from the shared cache (used as it is when `reuse`, else copied); an accelerator
+    out of memory halves the rows and retries them."""
+    import torch
+
+    pad = checkpoint.processor.tokenizer.pad_token_id
+    length = shared.prefix_length
+    width = max(len(shared.ids[row]) for row in rows)
+    input_ids = torch.full((len(rows), width), pad if pad is not None else 0, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    for position, row in enumerate(rows):
+        ids = shared.ids[row]
+        rest = len(ids) - length
+        input_ids[position, :length] = torch.tensor(ids[:length])
+        input_ids[position, width - rest:] = torch.tensor(ids[length:])
+        attention[position, :length] = 1
+        attention[position, width - rest:] = 1
+    try:
+        rows_cache = cache if reuse and len(rows) == 1 else copy.deepcopy(cache)
+        if len(rows) > 1:
+            rows_cache.batch_repeat_interleave(len(rows))
+        results, _ = generate_from_inputs(checkpoint, {"input_ids": input_ids, "attention_mask": attention}, options,
+                                          cancelled=cancelled, past_key_values=rows_cache, extra_seconds=share)
+        return results
+    except Exception as error:
+        if not is_out_of_memory(error) or len(rows) == 1:
+            raise
+    from accelerate.utils.memory import clear_device_cache
+
+    clear_device_cache()
+    half = len(rows) // 2
+    return (_continue(checkpoint, shared, cache, rows[:half], options, cancelled, share, reuse=False)
+            + _continue(checkpoint, shared, cache, rows[half:], options, cancelled, share, reuse=reuse))
+
+
+# --- a conversation -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ConversationCache:
+    """The key/value cache of a conversation and the ids it holds, kept between turns. Each turn's ids are compared
+    with them: the cache is cut back to where they first differ and only the rest runs through the model (with the
+    images whose tokens are in it). A turn that fails or is interrupted leaves no cache (the next one starts over)."""
+
+    cache: Any = None
+    ids: list[int] = field(default_factory=list)
+    reused: int = 0  # ids the last turn took from the cache (for tests and the curious)
+
+    def clear(self) -> None:
+        self.cache = None
+        self.ids = []
+        self.reused = 0
+
+    def generate(self, checkpoint: Any, ids: list[int], images: Sequence[dict[str, Any]], options: GenerationOptions,
+                 on_text: Callable[[str], None] | None = None) -> Generation:
+        """Answer the prompt `ids`; `images` are the tensors of each image in the prompt, in order."""
+        import torch
+        from transformers import DynamicCache
+
+        image_token = image_token_id(checkpoint.processor)
+        runs = image_token_runs(ids, image_token)
+        keep = min(common_prefix_length([ids, self.ids]) if self.ids else 0, len(ids) - 1)
+        for start, end in runs:  # never cut an image in two: its tokens are encoded whole, or not at all
+            if start < keep < end:
+                keep = start
+        new_images = [tensors for (start, _), tensors in zip(runs, images) if start >= keep]
+        if keep and self.cache is not None:
+            surplus = self.cache.get_seq_length() - keep
+            if surplus:
+                self.cache.crop(-surplus)  # transformers 5: a negative count of tokens to remove from the end
+        else:
+            keep = 0
+            self.cache = DynamicCache(config=checkpoint.model.config)
+            # Sliding-window layers (Mistral's) would forget what falls out of the window, and a later turn could not
+            # be cut back to before it: keep it (the cache stays bounded by the context: old turns are dropped).
+            self.cache.activate_past_recording()
+        inputs: dict[str, Any] = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones((1, len(ids)),
+                                                                                            dtype=torch.long)}
+        if new_images:
+            inputs.update(stack_image_tensors(new_images))
+        self.reused = keep
+        try:
+            [result], output = generate_from_inputs(checkpoint, inputs, options, on_text=on_text,
+                                                    past_key_values=self.cache)
+        except BaseException:
+            self.clear()
+            raise
+        self.ids = output[0].tolist()[:self.cache.get_seq_length()]
+        return result
+
+
+def stack_image_tensors(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Several images' tensors as one batch, as the processor gives them for several images: pixel values of
+    LLaVA-NeXT padded to the largest number of tiles (the model reads each image's own number from its size)."""
+    import torch
+
+    if len(parts) == 1:
+        return dict(parts[0])
+    stacked: dict[str, Any] = {}
+    for key in parts[0]:
+        values = [part[key] for part in parts]
+        if key == "pixel_values" and values[0].dim() == 5:
+            tiles = max(value.shape[1] for value in values)
+            values = [torch.nn.functional.pad(value, (0, 0, 0, 0, 0, 0, 0, tiles - value.shape[1])) for value in values]
+        stacked[key] = torch.cat(values, dim=0)
+    return stacked
