@@ -1,10 +1,13 @@
-"""Turning IMAGES arguments into an ordered list of inputs: files, directories, quoted globs, `-` for stdin."""
+"""Turning IMAGES arguments into an ordered list of inputs: files, directories, quoted globs, `-` for stdin; and,
+for `classify --truth-from-dirs`, each input with its ground truth, the name of its parent folder."""
 
 from __future__ import annotations
 
 import glob
 import os
+import posixpath
 import sys
+import urllib.parse
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
@@ -20,7 +23,9 @@ class InputWarning(UserWarning):
     """Something about the inputs the user should hear of (the CLI shows it on stderr)."""
 
 
-def _directory_images(directory: Path, recursive: bool, shown: str) -> list[str]:
+def _image_paths(directory: Path, recursive: bool) -> list[Path]:
+    """The image files of a directory (and with `recursive` of its subdirectories), relative to it, hidden names
+    skipped, sorted as strings (as `find | sort` would)."""
     pattern = "**/*" if recursive else "*"
     found = []
     for path in directory.glob(pattern):
@@ -28,11 +33,13 @@ def _directory_images(directory: Path, recursive: bool, shown: str) -> list[str]
         if any(part.startswith(".") for part in relative.parts):
             continue
         if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS:
-            found.append(path)
-    # Sorted as strings (as `find | sort` would), and named as directory + name with the directory spelled as the
-    # user wrote it ("./imgs/" stays "./imgs/...").
-    relative = sorted(str(p.relative_to(directory)) for p in found)
-    return [os.path.join(shown, name) for name in relative]
+            found.append(relative)
+    return sorted(found, key=str)
+
+
+def _directory_images(directory: Path, recursive: bool, shown: str) -> list[str]:
+    # Named as directory + name with the directory spelled as the user wrote it ("./imgs/" stays "./imgs/...").
+    return [os.path.join(shown, str(name)) for name in _image_paths(directory, recursive)]
 
 
 def _stdin_lines(stream: TextIO) -> list[str]:
@@ -44,24 +51,99 @@ def _stdin_lines(stream: TextIO) -> list[str]:
     return lines
 
 
+def _expand_one(argument: str, recursive: bool, stdin: TextIO | None) -> list[str]:
+    if argument == "-":
+        return _stdin_lines(stdin or sys.stdin)
+    if is_url(argument):
+        return [argument]
+    if Path(argument).is_dir():
+        return _directory_images(Path(argument), recursive, argument)
+    if not Path(argument).exists() and _GLOB_CHARS & set(argument):
+        matches = [m for m in sorted(glob.glob(argument, recursive=recursive)) if Path(m).is_file()]
+        if not matches:
+            warnings.warn(f"no file matches {argument}", InputWarning, stacklevel=3)
+        return matches
+    return [argument]
+
+
 def expand_inputs(arguments: Iterable[str], recursive: bool = False, stdin: TextIO | None = None) -> list[str]:
     """Every input in the order given: a directory's images sorted by path, a glob's matches sorted; a file named
     explicitly is kept whatever its extension (a missing one becomes an error record later)."""
     expanded: list[str] = []
     for argument in arguments:
-        if argument == "-":
-            expanded.extend(_stdin_lines(stdin or sys.stdin))
-        elif is_url(argument):
-            expanded.append(argument)
-        elif Path(argument).is_dir():
-            expanded.extend(_directory_images(Path(argument), recursive, argument))
-        elif not Path(argument).exists() and _GLOB_CHARS & set(argument):
-            matches = [m for m in sorted(glob.glob(argument, recursive=recursive)) if Path(m).is_file()]
-            if not matches:
-                warnings.warn(f"no file matches {argument}", InputWarning, stacklevel=2)
-            expanded.extend(matches)
-        else:
-            expanded.append(argument)
+        expanded.extend(_expand_one(argument, recursive, stdin))
     if not expanded:
         raise UsageError("no input images", hint="pass image files, directories, quoted globs, URLs or - for stdin")
     return expanded
+
+
+# --- classify --truth-from-dirs ------------------------------------------------------------------------------
+
+
+def parent_folder_name(source: str) -> str:
+    """An input's ground truth for --truth-from-dirs: the name of its parent folder. A path counts from its
+    absolute form ("1.jpg" run inside cat/ is "cat"; symbolic links are not followed); a URL from its path
+    (".../cat/1.jpg" is "cat")."""
+    if is_url(source):
+        path = urllib.parse.unquote(urllib.parse.urlsplit(source).path)
+        name = posixpath.basename(posixpath.dirname(path))
+    else:
+        name = os.path.basename(os.path.dirname(os.path.abspath(source)))
+    if not name:
+        raise UsageError(f"{source}: no parent folder to take its truth from (--truth-from-dirs)",
+                         hint="put the images in one folder per class: ROOT/CLASS/IMAGE")
+    return name
+
+
+def _class_folder_images(directory: Path, recursive: bool, shown: str) -> list[str]:
+    """A directory argument of --truth-from-dirs, read as an ImageFolder root: the images in its class folders
+    (ROOT/CLASS/IMAGE; with `recursive` at any depth below them), sorted by path, hidden names skipped. A directory
+    with images but no class folders is itself a class folder (`classify data/cat data/dog`). Images beside the
+    class folders, and without `recursive` below them, are left out with a warning: they are in no class folder."""
+    everything = _image_paths(directory, recursive=True)
+    loose = [path for path in everything if len(path.parts) == 1]
+    in_classes = [path for path in everything if len(path.parts) == 2 or (recursive and len(path.parts) > 2)]
+    deeper = [] if recursive else [path for path in everything if len(path.parts) > 2]
+    if not in_classes and loose:
+        chosen = loose
+    else:
+        chosen = in_classes
+        if loose:
+            warnings.warn(f"{shown}: {_count(loose)} directly in it, beside its class folders, left out (in no "
+                          f"class folder): {_sample(loose)}", InputWarning, stacklevel=3)
+    if deeper:
+        warnings.warn(f"{shown}: {_count(deeper)} in subfolders of its class folders left out: {_sample(deeper)} "
+                      "(--recursive takes them, each with its own parent folder as truth)", InputWarning,
+                      stacklevel=3)
+    return [os.path.join(shown, str(name)) for name in chosen]
+
+
+def _count(paths: list[Path]) -> str:
+    return f"{len(paths)} image{'s' if len(paths) != 1 else ''}"
+
+
+def _sample(paths: list[Path], shown: int = 3) -> str:
+    names = ", ".join(map(str, paths[:shown]))
+    return names + (f" and {len(paths) - shown} more" if len(paths) > shown else "")
+
+
+def expand_with_truth(arguments: Iterable[str], recursive: bool = False,
+                      stdin: TextIO | None = None) -> list[tuple[str, str]]:
+    """classify --truth-from-dirs: every input, in the order `expand_inputs` gives, with the name of its parent
+    folder. A directory argument is an ImageFolder root (see `_class_folder_images`); files, globs, stdin lines
+    and URLs are taken as usual, each with its own parent folder."""
+    expanded: list[str] = []
+    roots: list[str] = []
+    for argument in arguments:
+        if argument != "-" and not is_url(argument) and Path(argument).is_dir():
+            roots.append(argument)
+            expanded.extend(_class_folder_images(Path(argument), recursive, argument))
+        else:
+            expanded.extend(_expand_one(argument, recursive, stdin))
+    if not expanded:
+        if roots:
+            raise UsageError(f"no images in the class folders of {', '.join(roots)}",
+                             hint="--truth-from-dirs reads ROOT/CLASS/IMAGE: one subfolder per class, named as the "
+                                  "label (hidden ones skipped)")
+        raise UsageError("no input images", hint="pass image files, directories, quoted globs, URLs or - for stdin")
+    return [(source, parent_folder_name(source)) for source in expanded]

@@ -2,8 +2,10 @@
 and the key that --resume matches a finished record to its input by.
 
 - `Answer`: caption / ask, `{"image" | "images", "prompt", "text", "model", "new_tokens", "seconds"}`;
-- `Classification`: classify, `{"image", "label", "scores", "model"}`;
-- `Failure`: an input that failed, `{"image" | "images", "error"}`.
+- `Classification`: classify, `{"image", "label", "scores", "model"}`; with --truth-from-dirs
+  `{"image", "label", "truth", "scores", "model"}`;
+- `Failure`: an input that failed, `{"image" | "images", "error"}` (and what its input carried: a --questions
+  line's keys, classify's `"truth"`, so that `llava score --by truth` counts the errors of each class).
 
 Keys a `--questions` line carries beyond its image and question are copied into its record (`extra`), after the
 record's own keys and never in place of one. Every output format renders `to_json()`.
@@ -19,7 +21,11 @@ from typing import Any, Union
 JsonRecord = dict[str, Any]
 
 # The contract's keys, in the order the CSV columns take them.
-RECORD_KEYS = ("image", "images", "prompt", "text", "label", "scores", "model", "new_tokens", "seconds", "error")
+RECORD_KEYS = ("image", "images", "prompt", "text", "label", "truth", "scores", "model", "new_tokens", "seconds",
+               "error")
+# Those the tool makes, which a --questions line's own keys never replace nor add to a record ("truth" is not one:
+# it is ground truth the input carries, like "answers", and a --questions line's "truth" is copied as it was).
+_MADE_KEYS = frozenset(RECORD_KEYS) - {"truth"}
 
 
 @dataclass(frozen=True)
@@ -42,7 +48,7 @@ class Subject:
 
 
 def _with_extra(own: JsonRecord, extra: Mapping[str, Any]) -> JsonRecord:
-    return {**own, **{key: value for key, value in extra.items() if key not in own and key not in RECORD_KEYS}}
+    return {**own, **{key: value for key, value in extra.items() if key not in own and key not in _MADE_KEYS}}
 
 
 @dataclass(frozen=True)
@@ -69,18 +75,21 @@ class Answer:
 
 @dataclass(frozen=True)
 class Classification:
-    """classify: the most probable label and every label's probability, in the order the labels were given."""
+    """classify: the most probable label and every label's probability, in the order the labels were given; with
+    --truth-from-dirs the ground truth (the image's parent folder), right after the label."""
 
     subject: Subject
     label: str
     scores: dict[str, float]
     model: str
     extra: Mapping[str, Any] = field(default_factory=dict)
+    truth: str | None = None
 
     ok = True
 
     def to_json(self) -> JsonRecord:
-        return _with_extra({**self.subject.to_json(), "label": self.label, "scores": self.scores,
+        truth = {} if self.truth is None else {"truth": self.truth}
+        return _with_extra({**self.subject.to_json(), "label": self.label, **truth, "scores": self.scores,
                             "model": self.model}, self.extra)
 
     def key(self) -> str:

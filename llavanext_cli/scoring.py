@@ -33,7 +33,8 @@ def parse_labels(text: str | None = None, lines: Sequence[str] | None = None) ->
     else:
         labels = [part.strip() for part in (text or "").split(",")]
     if not labels or (len(labels) == 1 and not labels[0]):
-        raise UsageError("no labels", hint='pass --labels "a,b,c" or --labels-file FILE (one label a line)')
+        raise UsageError("no labels", hint='pass --labels "a,b,c", --labels-file FILE (one label a line), '
+                                             "or --truth-from-dirs (class folders)")
     if any(not label for label in labels):
         raise UsageError("empty label in --labels", hint='labels are comma-separated: "cat,dog,bird"')
     seen: set[str] = set()
@@ -61,12 +62,28 @@ class LabelScores:
 
 @dataclass(frozen=True)
 class LabelJob:
-    """One image to classify."""
+    """One image to classify, with its ground truth where it has one (--truth-from-dirs: its parent folder's name),
+    kept in its record, a success or a failure. The truth is not part of the --resume key."""
 
     subject: Subject
+    truth: str | None = None
 
     def key(self) -> str:
         return classification_key(self.subject)
+
+    def carried(self) -> dict[str, str]:
+        """What the job's record carries beyond the model's answer: its truth."""
+        return {} if self.truth is None else {"truth": self.truth}
+
+
+def labels_from_truths(truths: Sequence[str]) -> list[str]:
+    """--truth-from-dirs without --labels: the sorted distinct folder names."""
+    return sorted(set(truths))
+
+
+def truths_outside(truths: Sequence[str], labels: Sequence[str]) -> list[str]:
+    """The truths (sorted, once each) that are not among the labels: images no answer can classify right."""
+    return sorted(set(truths) - set(labels))
 
 
 def label_continuations(tokenizer: Any, prompt: str, labels: Sequence[str]) -> list[list[int]]:
@@ -191,7 +208,8 @@ def classify_inputs(
     batch_size: int = 1,
     fetching: ImageFetching = ImageFetching(),
 ) -> Iterator[Record]:
-    """One record per job, in order: a Classification, or a Failure for an image that cannot be read."""
+    """One record per job, in order: a Classification, or a Failure for an image that cannot be read (both with
+    the job's truth, where it has one)."""
     checkpoint.load()  # before any record: a checkpoint that fails to load writes none
     for start in range(0, len(jobs), batch_size):
         batch = jobs[start:start + batch_size]
@@ -202,9 +220,10 @@ def classify_inputs(
                 ready.append((len(records), job, fetching.load(job.subject.images[0])))
                 records.append(None)
             except InputError as exc:
-                records.append(Failure(job.subject, exc.message))
+                records.append(Failure(job.subject, exc.message, job.carried()))
         if ready:
             results = score_labels(checkpoint, [image for _, _, image in ready], question, labels, normalize)
             for (index, job, _), result in zip(ready, results):
-                records[index] = Classification(job.subject, result.label, result.scores, checkpoint.model_id)
+                records[index] = Classification(job.subject, result.label, result.scores, checkpoint.model_id,
+                                                truth=job.truth)
         yield from (record for record in records if record is not None)

@@ -25,6 +25,12 @@ def classify(
         "--normalize", help="sum | mean: a label's score is the sum or the mean of its tokens' log-probabilities.",
         show_default=False)] = None,
     top_k: Annotated[int, typer.Option("--top-k", help="Labels shown per image in the text display.", min=1)] = 5,
+    truth_from_dirs: Annotated[bool, typer.Option(
+        "--truth-from-dirs", help="Each image's ground truth is its parent folder's name, kept as \"truth\" in its "
+        "record (error records too, for llava score --by truth). A directory is an ImageFolder root, ROOT/CLASS/IMAGE: "
+        "its class subfolders' images (--recursive: any depth below them, the truth still the parent folder); a "
+        "directory with no class folders is one itself. Without --labels, the labels are the sorted folder names.")
+    ] = False,
     recursive: opt.RecursiveOpt = False,
     model: opt.ModelOpt = None,
     prompt_format: opt.PromptFormatOpt = None,
@@ -45,6 +51,10 @@ def classify(
     """Zero-shot classification: each label scored as the model's answer, probabilities that sum to 1.
     Each image runs through the model once, however many labels there are.
 
+    With --truth-from-dirs, images in class folders (ROOT/cat/1.jpg,
+    ROOT/dog/7.jpg) carry their folder's name as the truth, and the
+    folder names are the labels: llava score then measures the run.
+
     Examples:
 
       llava classify photo.jpg --labels "cat,dog,bird"
@@ -52,29 +62,49 @@ def classify(
       llava classify photos/ --labels-file labels.txt -o labels.jsonl
 
       llava classify photo.jpg --labels "indoor,outdoor" --prompt "Is this photo {labels}?"
+
+      llava classify pets/ --truth-from-dirs -o run.jsonl; llava score run.jsonl
     """
+    # --truth-from-dirs is this command's own, not a setting (options.COMMAND_PARAMETERS does not list it).
     flags = opt.model_flags(locals())
     from llavanext_cli.cli.execute import execute
     from llavanext_cli.cli.run import settings_for
     from llavanext_cli.images import ImageFetching
-    from llavanext_cli.inputs import expand_inputs
+    from llavanext_cli.inputs import expand_inputs, expand_with_truth
     from llavanext_cli.records import Subject
-    from llavanext_cli.scoring import LabelJob, classification_prompt, classify_inputs, parse_labels
+    from llavanext_cli.scoring import (
+        LabelJob, classification_prompt, classify_inputs, labels_from_truths, parse_labels, truths_outside)
 
     if labels is not None and labels_file is not None:
         raise UsageError("give --labels or --labels-file, not both")
+    label_list = None
     if labels_file is not None:
         try:
             label_list = parse_labels(lines=labels_file.read_text(encoding="utf-8").splitlines())
         except FileNotFoundError:
             raise UsageError(f"labels file not found: {labels_file}") from None
-    else:
+    elif labels is not None or not truth_from_dirs:
         label_list = parse_labels(labels)
     if not images:
         raise UsageError("no input images", hint="pass image files, directories, quoted globs, URLs or - for stdin")
     settings = settings_for(flags, config)
+    if truth_from_dirs:
+        jobs = [LabelJob(Subject.of(source), truth)
+                for source, truth in expand_with_truth(images, recursive=recursive, stdin=sys.stdin)]
+        truths = [job.truth for job in jobs]
+        if label_list is None:
+            label_list = labels_from_truths(truths)
+        else:
+            outside = truths_outside(truths, label_list)
+            if outside:
+                from llavanext_cli.cli.console import warn
+
+                warn(f"{len(outside)} class folder{'s are' if len(outside) > 1 else ' is'} not among the labels, "
+                     f"so {'their' if len(outside) > 1 else 'its'} images can never be classified right: "
+                     + ", ".join(outside))
+    else:
+        jobs = [LabelJob(Subject.of(source)) for source in expand_inputs(images, recursive=recursive, stdin=sys.stdin)]
     question = classification_prompt(prompt if prompt is not None else settings.classify_prompt, label_list)
-    jobs = [LabelJob(Subject.of(source)) for source in expand_inputs(images, recursive=recursive, stdin=sys.stdin)]
     fetching = ImageFetching.from_settings(settings)
 
     def records_for(run, todo, on_text):
@@ -93,8 +123,10 @@ def show_scores(record: dict, many: bool, top_k: int) -> None:
 
     console = Console(highlight=False)
     ranked = sorted(record["scores"].items(), key=lambda item: -item[1])[:top_k]
-    table = Table(show_header=False, box=None, padding=(0, 1), title=Text(str(record["image"])) if many else None,
-                  title_justify="left", title_style="bold")
+    title = Text(str(record["image"])) if many else None
+    if "truth" in record:  # --truth-from-dirs
+        title = (title + "  " if title is not None else Text()) + Text(f"truth: {record['truth']}", style="not bold")
+    table = Table(show_header=False, box=None, padding=(0, 1), title=title, title_justify="left", title_style="bold")
     table.add_column(no_wrap=True)
     table.add_column(width=30, no_wrap=True)
     table.add_column(justify="right")
