@@ -15,25 +15,30 @@ IMAGES = [EXAMPLES / "chelsea.png", EXAMPLES / "rocket.jpg", TEST_IMAGES / "page
 QUESTION = "What is this? Answer with one of: {labels}."
 
 
+_NAIVE: dict = {}  # the naive forwards, shared by the sum and mean normalisations
+
+
 def naive_log_scores(hf_reference, checkpoint, image_path, rendered_prompt, labels, normalize):
     """The contract, written plainly: one full forward with the image per label, teacher forcing."""
     import torch
 
     from llavanext_cli.images import load_image
 
-    processor, model = hf_reference(checkpoint)
-    image = load_image(image_path)
-    prompt_length = processor(images=image, text=rendered_prompt, return_tensors="pt").input_ids.shape[1]
-    scores = []
-    for label in labels:
-        text = rendered_prompt + ("" if rendered_prompt[-1].isspace() else " ") + label
-        inputs = processor(images=image, text=text, return_tensors="pt")
-        with torch.inference_mode():
-            log_probs = model(**inputs).logits[0].double().log_softmax(-1)
-        ids = inputs.input_ids[0]
-        tokens = [log_probs[j - 1, ids[j]].item() for j in range(prompt_length, len(ids))]
-        scores.append(sum(tokens) / (len(tokens) if normalize == "mean" else 1))
-    return scores
+    key = (str(checkpoint), str(image_path), rendered_prompt, tuple(labels))
+    if key not in _NAIVE:
+        processor, model = hf_reference(checkpoint)
+        image = load_image(image_path)
+        prompt_length = processor(images=image, text=rendered_prompt, return_tensors="pt").input_ids.shape[1]
+        per_label = []
+        for label in labels:
+            text = rendered_prompt + ("" if rendered_prompt[-1].isspace() else " ") + label
+            inputs = processor(images=image, text=text, return_tensors="pt")
+            with torch.inference_mode():
+                log_probs = model(**inputs).logits[0].double().log_softmax(-1)
+            ids = inputs.input_ids[0]
+            per_label.append([log_probs[j - 1, ids[j]].item() for j in range(prompt_length, len(ids))])
+        _NAIVE[key] = per_label
+    return [sum(tokens) / (len(tokens) if normalize == "mean" else 1) for tokens in _NAIVE[key]]
 
 
 def log_softmax(values):
