@@ -14,7 +14,7 @@ from llavanext_cli.errors import InputError, UsageError
 from llavanext_cli.generation import GenerationOptions, generate
 from llavanext_cli.images import ImageFetching
 from llavanext_cli.prompts import single_image_conversation
-from llavanext_cli.records import Answer, Failure, Record, Subject, answer_key
+from llavanext_cli.records import NO_DATA, Answer, Failure, Record, Subject, answer_key
 
 
 @dataclass(frozen=True)
@@ -99,6 +99,7 @@ def answer_jobs(
     prefetch: bool = True,
     workers: int = 1,
     share_prefixes: bool = True,
+    constraint: Any = None,
 ) -> Iterator[Record]:
     """Yield one record per job, in order; an unreadable image is an error record and the others go on.
 
@@ -106,7 +107,9 @@ def answer_jobs(
     shared beginning (the image's tokens included) runs through the model once, each prompt continuing from a copy
     of its cache (`batch_size` prompts at a time). Other jobs are batched by image-token count. The next units are
     loaded and preprocessed in the background while the model loads and generates, and `workers` units are
-    generated at once. `on_text` receives the answer as it is generated (one job only)."""
+    generated at once. `on_text` receives the answer as it is generated (one job only). With `constraint`
+    (--schema), the schema goes to the model after each question and each answer is JSON valid against it, or an
+    error record."""
     from llavanext_cli.pipeline import prefetch_depth, run_pipelined, token_counts
     from llavanext_cli.preprocessing import largest_model_edge, prepare_inputs
 
@@ -126,7 +129,14 @@ def answer_jobs(
         use_cpu_cores(workers)
 
     def render(job: PromptJob, images: list[Any]) -> str:
-        return checkpoint.prompt.format.render(single_image_conversation(job.prompt, len(images)))
+        text = constraint.schema.prompt(job.prompt) if constraint is not None else job.prompt
+        return checkpoint.prompt.format.render(single_image_conversation(text, len(images)))
+
+    def record(job: PromptJob, result: Any) -> Record:
+        if result.error is not None:
+            return Failure(job.subject, result.error, job.extra)
+        return Answer(job.subject, job.prompt, result.text, checkpoint.model_id, result.new_tokens, result.seconds,
+                      job.extra, data=result.data if constraint is not None else NO_DATA)
 
     def prepare_batch(indices: list[int], loaded: dict[int, list[Any]]) -> _PreparedBatch:
         failed: dict[int, Record] = {}
@@ -170,21 +180,20 @@ def answer_jobs(
     def _run_group(group: _PreparedGroup) -> Iterator[tuple[int, Record]]:
         from llavanext_cli.prefix_cache import generate_shared
 
-        results = generate_shared(checkpoint, group.shared, options, rows_per_pass=batch_size, cancelled=cancelled)
+        results = generate_shared(checkpoint, group.shared, options, rows_per_pass=batch_size, cancelled=cancelled,
+                                  constraint=constraint)
         for index, result in zip(group.indices, results):
-            job = jobs[index]
-            yield index, Answer(job.subject, job.prompt, result.text, checkpoint.model_id, result.new_tokens,
-                                result.seconds, job.extra)
+            yield index, record(jobs[index], result)
 
     def _run_batch(batch: _PreparedBatch) -> Iterator[tuple[int, Record]]:
         yield from batch.failed.items()
         if not batch.ready:
             return
         results = generate(checkpoint, batch.prompts, [images for _, _, images in batch.ready], options,
-                           on_text=on_text if len(jobs) == 1 else None, inputs=batch.inputs, cancelled=cancelled)
+                           on_text=on_text if len(jobs) == 1 else None, inputs=batch.inputs, cancelled=cancelled,
+                           constraint=constraint)
         for (index, job, _), result in zip(batch.ready, results):
-            yield index, Answer(job.subject, job.prompt, result.text, checkpoint.model_id, result.new_tokens,
-                                result.seconds, job.extra)
+            yield index, record(job, result)
 
     yield from run_pipelined(prepare, run, units, prefetch=prefetch, workers=workers,
                              depth=prefetch_depth(batch_size, workers), cancelled=cancelled)

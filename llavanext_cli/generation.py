@@ -44,6 +44,8 @@ class Generation:
     text: str
     new_tokens: int
     seconds: float
+    data: Any = None           # with a schema: the answer parsed (valid against it)
+    error: str | None = None   # with a schema: why this row has no valid answer (cut short)
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -62,13 +64,15 @@ def generate(
     on_text: Callable[[str], None] | None = None,
     inputs: Any = None,
     cancelled: threading.Event | None = None,
+    constraint: Any = None,
 ) -> list[Generation]:
     """One answer per rendered prompt; `images[i]` are the images of prompt i, in the order of its <image> tags.
     With `on_text` (one prompt only), the answer's text is passed on piece by piece as it is generated.
     `inputs` may carry the batch already prepared by `prepare_inputs`. Once `cancelled` is set, generation stops
-    after the current step (the run is being abandoned: what comes back is cut short and must be discarded)."""
+    after the current step (the run is being abandoned: what comes back is cut short and must be discarded).
+    With `constraint` (structured.Constraint), each answer is JSON valid against its schema, or an error."""
     try:
-        return _generate_batch(checkpoint, prompts, images, options, on_text, inputs, cancelled)
+        return _generate_batch(checkpoint, prompts, images, options, on_text, inputs, cancelled, constraint)
     except Exception as error:
         if not is_out_of_memory(error) or len(prompts) == 1:
             raise
@@ -77,28 +81,30 @@ def generate(
 
     clear_device_cache()
     half = len(prompts) // 2
-    return (generate(checkpoint, prompts[:half], images[:half], options, cancelled=cancelled)
-            + generate(checkpoint, prompts[half:], images[half:], options, cancelled=cancelled))
+    return (generate(checkpoint, prompts[:half], images[:half], options, cancelled=cancelled, constraint=constraint)
+            + generate(checkpoint, prompts[half:], images[half:], options, cancelled=cancelled, constraint=constraint))
 
 
 def _generate_batch(checkpoint: Checkpoint, prompts: Sequence[str], images: Sequence[Sequence[Image.Image]],
                     options: GenerationOptions, on_text: Callable[[str], None] | None, inputs: Any,
-                    cancelled: threading.Event | None) -> list[Generation]:
+                    cancelled: threading.Event | None, constraint: Any) -> list[Generation]:
     start = time.perf_counter()
     if inputs is None:
         inputs = prepare_inputs(checkpoint, prompts, images)
-    results, _ = generate_from_inputs(checkpoint, inputs, options, on_text=on_text, cancelled=cancelled, start=start)
+    results, _ = generate_from_inputs(checkpoint, inputs, options, on_text=on_text, cancelled=cancelled, start=start,
+                                      constraint=constraint)
     return results
 
 
 def generate_from_inputs(checkpoint: Checkpoint, inputs: Any, options: GenerationOptions,
                          on_text: Callable[[str], None] | None = None, cancelled: threading.Event | None = None,
                          past_key_values: Any = None, start: float | None = None,
-                         extra_seconds: float = 0.0) -> tuple[list[Generation], Any]:
+                         extra_seconds: float = 0.0, constraint: Any = None) -> tuple[list[Generation], Any]:
     """`model.generate` over prepared tensors (input_ids, attention_mask and the image tensors of the images whose
     tokens are not in `past_key_values`), continuing from `past_key_values` when given: one Generation per row,
     and the output sequences (the prompt's ids followed by the new ones). `extra_seconds` is added to each row's
-    time (its share of work done once for several rows, such as a shared prefix)."""
+    time (its share of work done once for several rows, such as a shared prefix). With `constraint`, decoding
+    follows its schema, one matcher per row."""
     import torch
 
     if options.seed is not None:
@@ -113,13 +119,18 @@ def generate_from_inputs(checkpoint: Checkpoint, inputs: Any, options: Generatio
     extra = {"stopping_criteria": _stop_when_set(cancelled)} if cancelled is not None else {}
     if past_key_values is not None:
         extra["past_key_values"] = past_key_values
+    matchers = constraint.logits_processor(rows) if constraint is not None else None
+    if matchers is not None:
+        from transformers import LogitsProcessorList
+
+        extra["logits_processor"] = LogitsProcessorList([matchers])
     with torch.inference_mode():
         output = checkpoint.model.generate(**inputs, pad_token_id=tokenizer.pad_token_id, streamer=streamer,
                                            **extra, **options.generate_kwargs())
     seconds = (time.perf_counter() - start) / max(rows, 1) + extra_seconds
     prompt_length = inputs["input_ids"].shape[1]
     stop_ids = _stop_token_ids(checkpoint)
-    results = []
+    counts, texts = [], []
     for row in output:
         new = row[prompt_length:]
         count = 0
@@ -127,8 +138,13 @@ def generate_from_inputs(checkpoint: Checkpoint, inputs: Any, options: Generatio
             count += 1
             if token in stop_ids:
                 break
-        text = tokenizer.decode(new, skip_special_tokens=True).strip()
-        results.append(Generation(text=text, new_tokens=count, seconds=round(seconds, 4)))
+        counts.append(count)
+        texts.append(tokenizer.decode(new, skip_special_tokens=True).strip())
+    outcomes = (constraint.outcomes(matchers, output[:, prompt_length:], texts) if matchers is not None
+                else [None] * len(texts))
+    results = [Generation(text=text, new_tokens=count, seconds=round(seconds, 4),
+                          data=outcome.data if outcome else None, error=outcome.error if outcome else None)
+               for text, count, outcome in zip(texts, counts, outcomes)]
     return results, output
 
 

@@ -139,7 +139,7 @@ def encode_prefix(checkpoint: Any, shared: SharedPrompts) -> Any:
 
 
 def generate_shared(checkpoint: Any, shared: SharedPrompts, options: GenerationOptions, rows_per_pass: int = 1,
-                    cancelled: threading.Event | None = None) -> list[Generation]:
+                    cancelled: threading.Event | None = None, constraint: Any = None) -> list[Generation]:
     """One answer per prompt: the shared part encoded once, each prompt continued from a copy of its cache
     (`rows_per_pass` prompts at a time, over the cache repeated; their differing parts left-padded, with positions
     that ignore the padding). The shared part's time is split over the prompts."""
@@ -151,12 +151,12 @@ def generate_shared(checkpoint: Any, shared: SharedPrompts, options: GenerationO
     results: list[Generation] = []
     for number, chunk in enumerate(chunks):
         last = number == len(chunks) - 1
-        results += _continue(checkpoint, shared, cache, chunk, options, cancelled, share, reuse=last)
+        results += _continue(checkpoint, shared, cache, chunk, options, cancelled, share, last, constraint)
     return results
 
 
 def _continue(checkpoint: Any, shared: SharedPrompts, cache: Any, rows: list[int], options: GenerationOptions,
-              cancelled: threading.Event | None, share: float, reuse: bool) -> list[Generation]:
+              cancelled: threading.Event | None, share: float, reuse: bool, constraint: Any) -> list[Generation]:
     """The prompts `rows` continued from the shared cache (used as it is when `reuse`, else copied); an accelerator
     out of memory halves the rows and retries them."""
     import torch
@@ -178,7 +178,8 @@ def _continue(checkpoint: Any, shared: SharedPrompts, cache: Any, rows: list[int
         if len(rows) > 1:
             rows_cache.batch_repeat_interleave(len(rows))
         results, _ = generate_from_inputs(checkpoint, {"input_ids": input_ids, "attention_mask": attention}, options,
-                                          cancelled=cancelled, past_key_values=rows_cache, extra_seconds=share)
+                                          cancelled=cancelled, past_key_values=rows_cache, extra_seconds=share,
+                                          constraint=constraint)
         return results
     except Exception as error:
         if not is_out_of_memory(error) or len(rows) == 1:
@@ -187,8 +188,8 @@ def _continue(checkpoint: Any, shared: SharedPrompts, cache: Any, rows: list[int
 
     clear_device_cache()
     half = len(rows) // 2
-    return (_continue(checkpoint, shared, cache, rows[:half], options, cancelled, share, reuse=False)
-            + _continue(checkpoint, shared, cache, rows[half:], options, cancelled, share, reuse=reuse))
+    return (_continue(checkpoint, shared, cache, rows[:half], options, cancelled, share, False, constraint)
+            + _continue(checkpoint, shared, cache, rows[half:], options, cancelled, share, reuse, constraint))
 
 
 # --- a conversation -------------------------------------------------------------------------------------------

@@ -23,9 +23,11 @@ JsonRecord = dict[str, Any]
 # The contract's keys, in the order the CSV columns take them.
 RECORD_KEYS = ("image", "images", "prompt", "text", "label", "truth", "scores", "model", "new_tokens", "seconds",
                "error")
+# A --schema answer's parsed object: in JSON under "data"; in CSV, one column per top-level property instead.
+DATA_KEY = "data"
 # Those the tool makes, which a --questions line's own keys never replace nor add to a record ("truth" is not one:
 # it is ground truth the input carries, like "answers", and a --questions line's "truth" is copied as it was).
-_MADE_KEYS = frozenset(RECORD_KEYS) - {"truth"}
+_MADE_KEYS = frozenset(RECORD_KEYS) - {"truth"} | {DATA_KEY}
 
 
 @dataclass(frozen=True)
@@ -51,9 +53,13 @@ def _with_extra(own: JsonRecord, extra: Mapping[str, Any]) -> JsonRecord:
     return {**own, **{key: value for key, value in extra.items() if key not in own and key not in _MADE_KEYS}}
 
 
+NO_DATA: Any = object()  # an Answer to a prompt without --schema
+
+
 @dataclass(frozen=True)
 class Answer:
-    """caption / ask: the generated continuation (special tokens skipped, stripped), its length and time."""
+    """caption / ask: the generated continuation (special tokens skipped, stripped), its length and time; with
+    --schema, `data` is the answer parsed (valid against the schema) and `text` its JSON text."""
 
     subject: Subject
     prompt: str
@@ -62,12 +68,15 @@ class Answer:
     new_tokens: int
     seconds: float
     extra: Mapping[str, Any] = field(default_factory=dict)
+    data: Any = NO_DATA
 
     ok = True
 
     def to_json(self) -> JsonRecord:
-        return _with_extra({**self.subject.to_json(), "prompt": self.prompt, "text": self.text, "model": self.model,
-                            "new_tokens": self.new_tokens, "seconds": self.seconds}, self.extra)
+        data = {} if self.data is NO_DATA else {"data": self.data}
+        return _with_extra({**self.subject.to_json(), "prompt": self.prompt, "text": self.text, **data,
+                            "model": self.model, "new_tokens": self.new_tokens, "seconds": self.seconds},
+                           self.extra)
 
     def key(self) -> str:
         return answer_key(self.subject, self.prompt)
@@ -163,18 +172,33 @@ def text_line(record: JsonRecord, many: bool, with_prompt: bool = False) -> str:
     return f"{subject}\t{prompt}" + " ".join(body.split("\n"))
 
 
-def csv_columns(records: Iterable[JsonRecord]) -> list[str]:
-    """The contract's columns first (those any record has), then the other keys in the order they appear."""
-    records = list(records)
-    present = {key for record in records for key in record}
+def csv_row(record: JsonRecord) -> JsonRecord:
+    """A record as a CSV row: a --schema answer's object spread into one column per top-level property, where
+    the record had "data" (named "data.NAME" where a property's name is already a column); lists and objects
+    (scores, images, copied keys, nested data) as JSON text."""
+    row: JsonRecord = {}
+    for key, value in record.items():
+        if key == DATA_KEY and isinstance(value, dict):
+            for name, item in value.items():
+                row[name if name not in record and name not in RECORD_KEYS else f"{DATA_KEY}.{name}"] = item
+        else:
+            row[key] = value
+    return {key: json.dumps(value, ensure_ascii=False) if isinstance(value, (dict, list)) else value
+            for key, value in row.items()}
+
+
+def csv_columns(rows: Iterable[JsonRecord]) -> list[str]:
+    """The contract's columns first (those any row has), then the other keys in the order the rows give them: a
+    key a row has beyond the ones seen goes right after its predecessor in that row (so a --schema answer's
+    properties keep the schema's order even where the first rows lack an optional one, before the keys copied
+    from a --questions line)."""
+    rows = list(rows)
+    present = {key for row in rows for key in row}
     names = [key for key in RECORD_KEYS if key in present]
-    for record in records:
-        names.extend(key for key in record if key not in names)
+    for row in rows:
+        previous = None
+        for key in row:
+            if key not in names:
+                names.insert(names.index(previous) + 1 if previous is not None else len(names), key)
+            previous = key if key not in RECORD_KEYS else None
     return names
-
-
-def csv_cell(value: Any) -> Any:
-    """Lists and objects (scores, images, copied keys) as JSON text."""
-    if isinstance(value, (dict, list)):
-        return json.dumps(value, ensure_ascii=False)
-    return value

@@ -21,7 +21,7 @@ DTYPES = ("auto", "float16", "bfloat16", "float32")
 QUANTS = ("none", "4bit", "8bit")
 QUANT_TYPES = ("nf4", "fp4")
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
-OUTPUT_FORMATS = ("text", "json", "jsonl", "csv")
+OUTPUT_FORMATS = ("text", "json", "jsonl", "csv", "imagefolder")  # imagefolder: -o DIR/metadata.jsonl
 NORMALIZATIONS = ("sum", "mean")
 _DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 

@@ -1,5 +1,6 @@
-"""Where records go: the output formats (text, json, jsonl, csv), stdout or an output file written safely, the lock
-that keeps two runs off one file, and reading a jsonl file back for --resume."""
+"""Where records go: the output formats (text, json, jsonl, csv, and imagefolder: a Hugging Face data set's
+metadata.jsonl, see dataset_outputs), stdout or an output file written safely, the lock that keeps two runs off one
+file, and reading a jsonl file back for --resume."""
 
 from __future__ import annotations
 
@@ -7,16 +8,18 @@ import csv
 import io
 import json
 import os
+import secrets
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
 from llavanext_cli.errors import UsageError
-from llavanext_cli.records import JsonRecord, Record, csv_cell, csv_columns, text_line
+from llavanext_cli.records import JsonRecord, Record, csv_columns, csv_row, text_line
 
-OUTPUT_FORMATS = ("text", "json", "jsonl", "csv")
+OUTPUT_FORMATS = ("text", "json", "jsonl", "csv", "imagefolder")
+# The formats appended to a file line by line (locked while a run writes; --resume reads them back).
+APPENDED_FORMATS = ("jsonl", "imagefolder")
 
 
 def format_for(requested: str | None, output: Path | None) -> str:
@@ -29,17 +32,17 @@ def format_for(requested: str | None, output: Path | None) -> str:
 
 
 def records_to_csv(records: list[JsonRecord]) -> str:
+    rows = [csv_row(record) for record in records]
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=csv_columns(records), lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=csv_columns(rows), lineterminator="\n")
     writer.writeheader()
-    for record in records:
-        writer.writerow({key: csv_cell(value) for key, value in record.items()})
+    writer.writerows(rows)
     return buffer.getvalue()
 
 
 class RecordWriter:
-    """Records in one format on a stream: jsonl and text as each record arrives (flushed), json and csv whole at the
-    end. The text format carries answers only (people read failures on stderr)."""
+    """Records in one format on a stream: jsonl (imagefolder: its lines) and text as each record arrives (flushed),
+    json and csv whole at the end. The text format carries answers only (people read failures on stderr)."""
 
     def __init__(self, stream: IO[str], fmt: str, many: bool = True, with_prompt: bool = False):
         self.stream = stream
@@ -52,7 +55,7 @@ class RecordWriter:
         if self.fmt in ("json", "csv"):
             self.kept.append(record)
             return
-        if self.fmt == "jsonl":
+        if self.fmt in APPENDED_FORMATS:
             self.stream.write(json.dumps(record, ensure_ascii=False) + "\n")
         elif "error" not in record:
             self.stream.write(text_line(record, self.many, self.with_prompt) + "\n")
@@ -72,7 +75,8 @@ class RecordSink:
     interrupted run keeps everything finished; json and csv files are written whole to a temporary file and renamed,
     so they are complete or absent. Nothing is opened before the first record (a run that fails before it leaves
     the output as it was). `shape` turns a record into the JSON written (the data-parallel shards add the input's
-    index)."""
+    index; imagefolder makes its metadata line). imagefolder writes successes only, appended like jsonl, and never
+    leaves an empty metadata file behind (datasets would refuse it)."""
 
     def __init__(self, output: Path | None, fmt: str, many: bool, with_prompt: bool = False,
                  shape: Callable[[Record], JsonRecord] = lambda record: record.to_json()):
@@ -92,16 +96,17 @@ class RecordSink:
             if output is None:
                 stream: IO[str] = sys.stdout
             elif self.fmt in ("json", "csv"):
-                handle, name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
-                self._temporary = Path(name)
-                stream = os.fdopen(handle, "w", encoding="utf-8", newline="")
+                self._temporary = create_temporary(output)
+                stream = open(self._temporary, "w", encoding="utf-8", newline="")
             else:
-                stream = open(output, "a" if self.fmt == "jsonl" else "w", encoding="utf-8", newline="")
+                stream = open(output, "a" if self.fmt in APPENDED_FORMATS else "w", encoding="utf-8", newline="")
         except OSError as exc:
             raise UsageError(f"cannot write -o {output}: {exc.strerror or exc}") from None
         return RecordWriter(stream, self.fmt, many=self.many, with_prompt=self.with_prompt)
 
     def write(self, record: Record) -> None:
+        if self.fmt == "imagefolder" and not record.ok:
+            return
         if self._writer is None:
             self._writer = self._open()
         self._writer.write(self.shape(record))
@@ -110,7 +115,7 @@ class RecordSink:
         """Finish the output (a complete run with no record still writes an empty json array or csv header); an
         incomplete json / csv run leaves no file behind."""
         if self._writer is None:
-            if not complete:
+            if not complete or self.fmt == "imagefolder":
                 return
             self._writer = self._open()
         stream = self._writer.stream
@@ -125,6 +130,32 @@ class RecordSink:
                 os.replace(self._temporary, self.output)
             else:
                 self._temporary.unlink(missing_ok=True)
+
+
+def create_temporary(path: Path) -> Path:
+    """A new empty hidden file beside `path` (`.NAME.XXXXXXXX.tmp`), to be renamed over it once written. Created with
+    the permissions a plain `open` gives (0666 less the umask), not mkstemp's 0600: the finished file is read by other
+    users and programs (a trainer in a container) like any other."""
+    while True:
+        temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return temporary
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write a whole file (UTF-8) through a temporary file in the same folder renamed over it: a reader finds the old
+    file or the new one, never a part of one; a failure leaves no temporary file behind."""
+    temporary = create_temporary(path)
+    try:
+        with open(temporary, "w", encoding="utf-8", newline="") as handle:
+            handle.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 def check_writable(path: Path) -> None:

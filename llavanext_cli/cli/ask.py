@@ -39,6 +39,11 @@ def ask(
     output_format: opt.FormatOpt = None,
     output: opt.OutputOpt = None,
     resume: opt.ResumeOpt = False,
+    schema: opt.SchemaOpt = None,
+    sidecar: opt.SidecarOpt = False,
+    overwrite: opt.OverwriteOpt = False,
+    prefix: opt.PrefixOpt = None,
+    suffix: opt.SuffixOpt = None,
     fast_decode: opt.FastDecodeOpt = None,
     compile: opt.CompileOpt = None,
     max_memory: opt.MaxMemoryOpt = None,
@@ -58,11 +63,14 @@ def ask(
       llava ask before.jpg after.jpg --together -q "What changed between these pictures?"
 
       llava ask --questions vqa.jsonl -o answers.jsonl --batch-size 8
+
+      llava ask dataset/ -q "List the objects in this image, comma-separated." --sidecar
     """
     flags = opt.model_flags(locals())
     from llavanext_cli.answering import PromptJob, open_questions
     from llavanext_cli.cli.execute import answer
     from llavanext_cli.cli.run import settings_for
+    from llavanext_cli.dataset_outputs import DataSetFlags
     from llavanext_cli.inputs import expand_inputs
     from llavanext_cli.records import Subject
 
@@ -81,4 +89,5 @@ def ask(
         found = expand_inputs(images, recursive=recursive, stdin=sys.stdin)
         subjects = [Subject(tuple(found), together=True)] if together else [Subject.of(image) for image in found]
         jobs = [PromptJob(subject, text) for subject in subjects for text in question]  # image-major
-    return answer(settings, jobs, output, resume, verbose)
+    data_set = DataSetFlags(sidecar=sidecar, overwrite=overwrite, prefix=prefix, suffix=suffix)
+    return answer(settings, jobs, output, resume, verbose, schema=schema, data_set=data_set)

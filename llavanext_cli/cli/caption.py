@@ -29,6 +29,11 @@ def caption(
     output_format: opt.FormatOpt = None,
     output: opt.OutputOpt = None,
     resume: opt.ResumeOpt = False,
+    schema: opt.SchemaOpt = None,
+    sidecar: opt.SidecarOpt = False,
+    overwrite: opt.OverwriteOpt = False,
+    prefix: opt.PrefixOpt = None,
+    suffix: opt.SuffixOpt = None,
     fast_decode: opt.FastDecodeOpt = None,
     compile: opt.CompileOpt = None,
     max_memory: opt.MaxMemoryOpt = None,
@@ -47,11 +52,16 @@ def caption(
       find . -name '*.jpg' | llava caption - --format jsonl | jq -r .text
 
       llava caption examples/chelsea.png -m ./tiny --max-new-tokens 12
+
+      llava caption dataset/ --sidecar --prefix "sks dog, "
+
+      llava caption dataset/ -r --format imagefolder -o dataset/metadata.jsonl --resume
     """
     flags = opt.model_flags(locals())
     from llavanext_cli.answering import PromptJob
     from llavanext_cli.cli.execute import answer
     from llavanext_cli.cli.run import settings_for
+    from llavanext_cli.dataset_outputs import DataSetFlags
     from llavanext_cli.inputs import expand_inputs
     from llavanext_cli.records import Subject
 
@@ -60,4 +70,5 @@ def caption(
     settings = settings_for(flags, config)
     text = prompt if prompt is not None else settings.caption_prompt
     jobs = [PromptJob(Subject.of(image), text) for image in expand_inputs(images, recursive=recursive, stdin=sys.stdin)]
-    return answer(settings, jobs, output, resume, verbose)
+    data_set = DataSetFlags(sidecar=sidecar, overwrite=overwrite, prefix=prefix, suffix=suffix)
+    return answer(settings, jobs, output, resume, verbose, schema=schema, data_set=data_set)

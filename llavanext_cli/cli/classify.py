@@ -64,6 +64,8 @@ def classify(
       llava classify photo.jpg --labels "indoor,outdoor" --prompt "Is this photo {labels}?"
 
       llava classify pets/ --truth-from-dirs -o run.jsonl; llava score run.jsonl
+
+      llava classify photos/ --labels "indoor,outdoor" --format imagefolder -o photos/metadata.jsonl
     """
     # --truth-from-dirs is this command's own, not a setting (options.COMMAND_PARAMETERS does not list it).
     flags = opt.model_flags(locals())

@@ -1,6 +1,7 @@
 """Running a batch command's jobs: the output checked and locked before the model loads, finished inputs skipped
-(--resume), the records written as they come by the one loop in output.py; and, under `accelerate launch` /
-`torchrun`, each process taking its share of the inputs into its own shard, merged by the main process at the end.
+(--resume; --sidecar: the images that have a caption file), the records written as they come by the one loop in
+output.py (--sidecar: each caption file written there too); and, under `accelerate launch` / `torchrun`, each process
+taking its share of the inputs into its own shard, merged by the main process at the end.
 
 caption and ask come in through `answer`; classify calls `execute` with its own records."""
 
@@ -11,11 +12,12 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from llavanext_cli.cli.console import stderr
+from llavanext_cli.cli.console import stderr, warn
 from llavanext_cli.cli.output import Display, stream_to_stdout, write_records
 from llavanext_cli.cli.run import Run, check_output, open_run
+from llavanext_cli.dataset_outputs import DataSetFlags, ImageFolder, Sidecars
 from llavanext_cli.errors import EXIT_INPUT_FAILED
-from llavanext_cli.records import JsonRecord, Record, Subject, resume_key
+from llavanext_cli.records import Failure, JsonRecord, Record, Subject, resume_key
 from llavanext_cli.settings import Settings
 from llavanext_cli.writers import OutputLock, RecordSink, format_for, read_finished_keys
 
@@ -31,8 +33,9 @@ OnText = Callable[[str], None]
 RecordsFor = Callable[[Run, list[Any], OnText | None], Iterator[Record]]
 
 
-def answer(settings: Settings, jobs: Sequence[Job], output: Path | None, resume: bool, verbose: bool) -> int:
-    """caption / ask: generate an answer for each job."""
+def answer(settings: Settings, jobs: Sequence[Job], output: Path | None, resume: bool, verbose: bool,
+           schema: str | None = None, data_set: DataSetFlags = DataSetFlags()) -> int:
+    """caption / ask: generate an answer for each job; with `schema` (--schema), a JSON answer valid against it."""
     from llavanext_cli.answering import answer_jobs
     from llavanext_cli.concurrency import check_workers, resolve_workers
     from llavanext_cli.images import ImageFetching
@@ -42,63 +45,154 @@ def answer(settings: Settings, jobs: Sequence[Job], output: Path | None, resume:
     check_workers(settings.workers, seeded_sampling, settings.compile,
                   source=settings.sources.get("workers", "--workers"))
     fetching = ImageFetching.from_settings(settings)
+    answer_schema = None
+    if schema is not None:  # read and checked now: a schema the decoder cannot enforce is exit 2 before any load
+        from llavanext_cli.structured import load_schema
+
+        answer_schema = load_schema(schema)
+        answer_schema.check_generation(settings.num_beams)
 
     def records_for(run: Run, todo: list[Any], on_text: OnText | None) -> Iterator[Record]:
         workers = resolve_workers(settings.workers, run.checkpoint.device_type, len(todo), seeded_sampling,
                                   settings.compile, data_parallel_from_env() is not None)
+        # Compiled against the checkpoint's tokenizer, before its weights load.
+        constraint = answer_schema.compile(run.checkpoint) if answer_schema is not None else None
         return answer_jobs(run.checkpoint, todo, run.generation, settings.batch_size, fetching, on_text,
-                           fast_decode=settings.fast_decode, workers=workers)
+                           fast_decode=settings.fast_decode, workers=workers, constraint=constraint)
 
-    return execute(settings, jobs, records_for, output, resume, verbose)
+    return execute(settings, jobs, records_for, output, resume, verbose, data_set=data_set)
 
 
 def execute(settings: Settings, jobs: Sequence[Job], records_for: RecordsFor, output: Path | None, resume: bool,
-            verbose: bool, draw: Callable[[JsonRecord], None] | None = None) -> int:
+            verbose: bool, draw: Callable[[JsonRecord], None] | None = None,
+            data_set: DataSetFlags = DataSetFlags()) -> int:
     """Run `records_for` over the jobs not yet done and write its records. On a terminal, one answer streams as it
-    is generated, or a command draws its own display (`draw`); files and pipes get the records."""
+    is generated, or a command draws its own display (`draw`); files and pipes get the records. `data_set`: the
+    training-set outputs (caption files beside the images, an imagefolder's metadata.jsonl)."""
     from llavanext_cli.sharding import data_parallel_from_env
 
     fmt = format_for(settings.format, output)
+    # Text lines name the prompt too when the jobs ask more than one (ask -q A -q B, --questions); so do the lines
+    # of an imagefolder.
+    several_prompts = len({getattr(job, "prompt", None) for job in jobs}) > 1
+    sidecars, folder = data_set.outputs(fmt, output, several_prompts)
+    if sidecars is not None:
+        sidecars.check_jobs(jobs)
+    if folder is not None:
+        folder.check_inputs(jobs)
+        for other in folder.other_metadata():
+            warn(f"{other} is there too: datasets refuses a folder whose metadata files are of different kinds")
     if data_parallel_from_env() is not None:
-        return _execute_shard(settings, jobs, records_for, output, fmt, verbose)
+        return _execute_shard(settings, jobs, records_for, output, fmt, verbose, sidecars, folder)
     lock = check_output(output, fmt, resume)
     try:
-        remaining = list(jobs)
+        remaining, captioned = list(jobs), 0
         if resume and output is not None:
-            finished = read_finished_keys(output, resume_key)
-            remaining = [job for job in jobs if job.key() not in finished]
+            key_of_line, key_of_job = _resume_keys(folder)
+            finished = read_finished_keys(output, key_of_line)
+            remaining = [job for job in jobs if key_of_job(job) not in finished]
             if len(remaining) < len(jobs):
                 stderr.print(f"Resuming: {len(jobs) - len(remaining)} of {len(jobs)} already done in {output}.",
                              highlight=False)
+        if sidecars is not None:
+            remaining, captioned = _without_caption_files(remaining, sidecars)
+            if captioned:
+                stderr.print(_already_captioned(captioned), highlight=False)
         if not remaining:
-            stderr.print("Nothing to do: every input already has a record.", highlight=False)
+            done = ("every input already has a record" if not captioned else
+                    "every image already has a caption file" if captioned == len(jobs) else
+                    "every input already has a record or a caption file")
+            stderr.print(f"Nothing to do: {done}.", highlight=False)
             return 0
-        run = open_run(settings, verbose)
+        placed, todo = _refused_up_front(remaining, sidecars)
+        run = open_run(settings, verbose) if todo else None
         on_terminal = output is None and fmt == "text" and sys.stdout.isatty()
         display = Display(
-            streamed=on_terminal and draw is None and len(remaining) == 1 and run.generation.num_beams == 1,
+            streamed=(on_terminal and draw is None and len(remaining) == 1 and run is not None
+                      and run.generation.num_beams == 1),
             draw=draw if on_terminal else None,
             progress=len(remaining) > 1 and stderr.is_terminal,
         )
-        records = records_for(run, remaining, stream_to_stdout if display.streamed else None)
-        # Text lines name the prompt too when the jobs ask more than one (ask -q A -q B, --questions).
-        several_prompts = len({getattr(job, "prompt", None) for job in jobs}) > 1
-        sink = RecordSink(output, fmt, many=len(jobs) > 1, with_prompt=several_prompts)
-        return write_records(records, sink, len(remaining), display)
+        made = records_for(run, todo, stream_to_stdout if display.streamed else None) if run is not None else None
+        sink = RecordSink(output, fmt, many=len(jobs) > 1, with_prompt=several_prompts, **_shape(folder))
+        return write_records(_InPlace(placed, made), sink, len(remaining), display,
+                             finish=sidecars.finish if sidecars is not None else None)
     finally:
         if lock is not None:
             lock.release()
 
 
+def _resume_keys(folder: ImageFolder | None) -> tuple[Callable[[JsonRecord], str | None], Callable[[Job], str]]:
+    """What --resume matches a finished line of the output to a job by: a record's key (`records.resume_key`), or
+    an imagefolder line's (its file name, and its prompt where the run asks several)."""
+    if folder is None:
+        return resume_key, lambda job: job.key()
+    return folder.row_key, folder.job_key
+
+
+def _shape(folder: ImageFolder | None) -> dict[str, Any]:
+    return {} if folder is None else {"shape": lambda record: folder.row(record.to_json())}
+
+
+def _without_caption_files(jobs: Sequence[Job], sidecars: Sidecars) -> tuple[list[Job], int]:
+    """--sidecar: the jobs whose image has no caption file yet (all of them with --overwrite), and how many do."""
+    todo = [job for job in jobs if not sidecars.has_caption(job.subject)]
+    return todo, len(jobs) - len(todo)
+
+
+def _already_captioned(count: int) -> str:
+    many = count != 1
+    return (f"{count} image{'s' if many else ''} already {'have' if many else 'has'} a caption file (STEM.txt), "
+            f"skipped; --overwrite redoes {'them' if many else 'it'}.")
+
+
+def _refused_up_front(jobs: Sequence[Job], sidecars: Sidecars | None) -> tuple[dict[int, Record], list[Job]]:
+    """The jobs that fail before any work, as error records by their position (--sidecar: a URL, a folder that
+    refuses a new file), and the others, for the model."""
+    refused = sidecars.refusals(job.subject for job in jobs) if sidecars is not None else {}
+    placed: dict[int, Record] = {position: Failure(job.subject, refused[job.subject], getattr(job, "extra", {}))
+                                 for position, job in enumerate(jobs) if job.subject in refused}
+    return placed, [job for job in jobs if job.subject not in refused]
+
+
+class _InPlace:
+    """The records of a run in input order: those decided before it (`placed`, by position) in their places among
+    the model's (`made`, in order; None when the model has nothing to do). Closing it closes `made`."""
+
+    def __init__(self, placed: dict[int, Record], made: Iterator[Record] | None):
+        self._placed = dict(placed)
+        self._made = made
+        self._position = 0
+
+    def __iter__(self) -> _InPlace:
+        return self
+
+    def __next__(self) -> Record:
+        record = self._placed.pop(self._position, None)
+        if record is None:
+            if self._made is None:
+                raise StopIteration
+            record = next(self._made)
+        self._position += 1
+        return record
+
+    def close(self) -> None:
+        close = getattr(self._made, "close", None)
+        if close is not None:
+            close()
+
+
 def _execute_shard(settings: Settings, jobs: Sequence[Job], records_for: RecordsFor, output: Path | None, fmt: str,
-                   verbose: bool) -> int:
+                   verbose: bool, sidecars: Sidecars | None, folder: ImageFolder | None) -> int:
     """One process of a data-parallel run. --resume is implied: whatever the output or any shard already holds
-    is not redone, so a rerun after a crash completes the set."""
+    is not redone, so a rerun after a crash completes the set. The shards hold records (with their inputs'
+    positions); an imagefolder's lines are made from them at the merge. Each process writes the caption files of
+    its own images (--sidecar)."""
     from llavanext_cli.sharding import (
         ProcessGroup, existing_shards, merge_shards, my_share, read_shard_records, require_jsonl_output, shard_path,
         shard_shape)
 
-    output = require_jsonl_output(output, fmt)
+    output = folder.metadata if folder is not None else require_jsonl_output(output, fmt)
     probe = check_output(output, fmt, resume=False)  # writable? (the main process locks it below)
     if probe is not None:
         probe.release()
@@ -107,20 +201,31 @@ def _execute_shard(settings: Settings, jobs: Sequence[Job], records_for: Records
     if group.is_main:
         locks.append(OutputLock(output))
     try:
-        finished = read_finished_keys(output, resume_key)
+        key_of_line, key_of_job = _resume_keys(folder)
+        key_of_record = resume_key if folder is None else folder.record_key
+        finished = read_finished_keys(output, key_of_line)
         for path in existing_shards(output):
-            finished.update(key for key in map(resume_key, read_shard_records(path)) if key is not None)
-        mine = [(index, job) for index, job in my_share(jobs, group) if job.key() not in finished]
-        stderr.print(f"llava: process {group.rank} of {group.world_size} takes {len(mine)} inputs.", highlight=False)
+            finished.update(key for key in map(key_of_record, read_shard_records(path)) if key is not None)
+        mine = [(index, job) for index, job in my_share(jobs, group) if key_of_job(job) not in finished]
+        captioned = 0
+        if sidecars is not None:
+            kept = [(index, job) for index, job in mine if not sidecars.has_caption(job.subject)]
+            captioned, mine = len(mine) - len(kept), kept
+        already = f" ({captioned} more already have a caption file; --overwrite redoes them)" if captioned else ""
+        stderr.print(f"llava: process {group.rank} of {group.world_size} takes {len(mine)} inputs{already}.",
+                     highlight=False)
         failed = 0
         if mine:
-            run = open_run(settings, verbose)
+            placed, todo = _refused_up_front([job for _, job in mine], sidecars)
+            run = open_run(settings, verbose) if todo else None
             sink = RecordSink(shard_path(output, group.rank), "jsonl", many=True,
                               shape=shard_shape(index for index, _ in mine))
-            failed = write_records(records_for(run, [job for _, job in mine], None), sink, len(mine))
+            made = records_for(run, todo, None) if run is not None else None
+            failed = write_records(_InPlace(placed, made), sink, len(mine),
+                                   finish=sidecars.finish if sidecars is not None else None)
         group.wait_for_everyone()
         if group.is_main:
-            merged = merge_shards(output)
+            merged = folder.merge_shards() if folder is not None else merge_shards(output)
             failed = sum(1 for record in merged if "error" in record)
             stderr.print(f"llava: merged {len(merged)} records from {group.world_size} processes into {output}.",
                          highlight=False)

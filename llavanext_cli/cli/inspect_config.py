@@ -23,6 +23,7 @@ def inspect_config(
     output_format: Annotated[str, typer.Option("--format", help="text | json.")] = "text",
     gpu_memory: Annotated[str, typer.Option(
         "--gpu-memory", help="Memory of one GPU, for how many GPUs the checkpoint needs per dtype / quant.")] = "80GiB",
+    schema: opt.SchemaOpt = None,
     model: opt.ModelOpt = None,
     prompt_format: opt.PromptFormatOpt = None,
     config: opt.ConfigOpt = None,
@@ -37,6 +38,8 @@ def inspect_config(
       llava inspect-config llava-hf/llava-v1.6-mistral-7b-hf --offline --format json
 
       llava inspect-config ./tiny --image-size 1024x768
+
+      llava inspect-config ./tiny --schema 'count int, kind: person|animal|object'   (the prompt --schema sends)
     """
     from llavanext_cli.cli.console import warn
     from llavanext_cli.inspection import DEFAULT_INSPECT_PROMPT, inspect_checkpoint, parse_image_size, parse_memory
@@ -55,7 +58,12 @@ def inspect_config(
     from llavanext_cli.loading import configure_library_logging
 
     configure_library_logging(verbose)
-    report = inspect_checkpoint(settings.model, prompt=prompt or DEFAULT_INSPECT_PROMPT, image_size=size,
+    question = prompt or DEFAULT_INSPECT_PROMPT
+    if schema is not None:
+        from llavanext_cli.structured import load_schema
+
+        question = load_schema(schema).prompt(question)  # what caption / ask --schema send
+    report = inspect_checkpoint(settings.model, prompt=question, image_size=size,
                                 requested_format=settings.prompt_format, offline=settings.offline,
                                 gpu_memory=gpu_memory)
     if report.get("warning"):

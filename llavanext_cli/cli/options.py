@@ -51,8 +51,9 @@ NumBeamsOpt = Annotated[Optional[int], typer.Option(
 SeedOpt = Annotated[Optional[int], typer.Option(
     "--seed", help="Seed for reproducible sampling.", rich_help_panel=_GEN, show_default=False)]
 FormatOpt = Annotated[Optional[str], typer.Option(
-    "--format", help="text | json | jsonl | csv (default: from -o's extension, else text).", rich_help_panel=_OUT,
-    show_default=False)]
+    "--format", help="text | json | jsonl | csv | imagefolder (default: from -o's extension, else text). imagefolder: "
+    "-o DIR/metadata.jsonl, one {file_name, text or label} line per success, for datasets' imagefolder.",
+    rich_help_panel=_OUT, show_default=False)]
 OutputOpt = Annotated[Optional[Path], typer.Option(
     "-o", "--output", help="Write records to FILE instead of stdout.", rich_help_panel=_OUT, show_default=False)]
 PromptOpt = Annotated[Optional[str], typer.Option(
@@ -70,8 +71,29 @@ MaxMemoryOpt = Annotated[Optional[str], typer.Option(
     "0=70GiB,1=70GiB,cpu=200GiB.", rich_help_panel=_RUN, show_default=False)]
 RecursiveOpt = Annotated[bool, typer.Option("--recursive", "-r", help="Descend into subdirectories.")]
 ResumeOpt = Annotated[bool, typer.Option(
-    "--resume", help="Skip inputs that already have a success record in -o FILE.jsonl; append the rest.",
+    "--resume", help="Skip inputs that already have a success record in -o FILE.jsonl (or a line in an imagefolder's "
+    "metadata.jsonl); append the rest.",
     rich_help_panel=_OUT)]
+SchemaOpt = Annotated[Optional[str], typer.Option(
+    "--schema", help="Constrain each answer to JSON valid against a JSON Schema: a file, inline JSON ({...}), or the "
+    "concise form 'count int, kind: person|animal|object, outdoor bool, tags list' (see the README).",
+    rich_help_panel=_GEN, show_default=False)]
+_DATA = "Training-set outputs"
+SidecarOpt = Annotated[bool, typer.Option(
+    "--sidecar", help="Also write each answer to STEM.txt beside its image (the caption file kohya-ss sd-scripts, "
+    "OneTrainer, SimpleTuner and ai-toolkit read): one line, UTF-8, no trailing newline, written whole. Images that "
+    "already have one are skipped before any work, so a rerun resumes. Local images only; one answer per image.",
+    rich_help_panel=_DATA)]
+OverwriteOpt = Annotated[bool, typer.Option(
+    "--overwrite", help="With --sidecar: caption again the images that already have a STEM.txt, and replace it.",
+    rich_help_panel=_DATA)]
+PrefixOpt = Annotated[Optional[str], typer.Option(
+    "--prefix", help="Text put before each answer in STEM.txt (--sidecar) and in the text column (--format "
+    "imagefolder), verbatim: --prefix 'sks dog, ' brings its own comma and space.", rich_help_panel=_DATA,
+    show_default=False)]
+SuffixOpt = Annotated[Optional[str], typer.Option(
+    "--suffix", help="Text put after each answer, as --prefix: --suffix ', film grain'.", rich_help_panel=_DATA,
+    show_default=False)]
 ImagesArg = Annotated[Optional[list[str]], typer.Argument(
     help="Image files, directories, quoted globs, http(s) URLs, or - (paths from stdin).", show_default=False)]
 
@@ -82,7 +104,8 @@ _RENAMED_SETTINGS = {"output_format": "format"}
 # and these are the commands' own (not settings):
 COMMAND_PARAMETERS = frozenset({
     "images", "prompt", "recursive", "output", "resume", "config", "verbose", "question", "together", "questions",
-    "labels", "labels_file", "top_k", "truth_from_dirs", "system", "model_arg", "image_size", "gpu_memory",
+    "labels", "labels_file", "top_k", "truth_from_dirs", "system", "model_arg", "image_size", "gpu_memory", "schema",
+    "sidecar", "overwrite", "prefix", "suffix",
 })
 
 

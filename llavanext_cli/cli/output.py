@@ -1,5 +1,6 @@
-"""The one loop that writes a run's records: each record to its sink (stdout or -o FILE) as it is final, failures
-reported on stderr as they happen, a progress bar on a terminal, and the exit code."""
+"""The one loop that writes a run's records: each record finished (its caption file written, --sidecar) and written
+to its sink (stdout or -o FILE) as it is final, failures reported on stderr as they happen, a progress bar on a
+terminal, and the exit code."""
 
 from __future__ import annotations
 
@@ -30,30 +31,34 @@ def stream_to_stdout(text: str) -> None:
     sys.stdout.flush()
 
 
-def write_records(records: Iterator[Record], sink: RecordSink, total: int, display: Display = Display()) -> int:
+def write_records(records: Iterator[Record], sink: RecordSink, total: int, display: Display = Display(),
+                  finish: Callable[[Record], Record] | None = None) -> int:
     """Drive the record iterator to its end, writing each record as it is final; 1 if any input failed, else 0.
-    The iterator is closed however this ends: on Ctrl-C, SIGTERM or an error the pipeline's threads stop before
-    this returns (a thread still inside the model when the interpreter exits would abort the process instead of
-    exiting with the contract's code)."""
+    `finish` is a record's last step before the sink (--sidecar writes its caption file there), which may turn it
+    into a failure. The iterator is closed however this ends: on Ctrl-C, SIGTERM or an error the pipeline's threads
+    stop before this returns (a thread still inside the model when the interpreter exits would abort the process
+    instead of exiting with the contract's code)."""
     failures = 0
     progress: Any = None
     complete = False
     with closing(records):
         try:
-            for record in records:
+            for made in records:
                 # The model loads while the first record is made: the bar starts after it (and the sink opens on
                 # its first record), so a checkpoint that fails to load leaves the terminal and the output as they were.
                 if display.progress and progress is None:
                     progress = _start_progress(total)
+                record = made if finish is None else finish(made)
+                streamed = display.streamed and made.ok  # printed as it was generated: its line ends here
+                if streamed:
+                    sys.stdout.write("\n")
                 if not record.ok:
                     failures += 1
                     warn(f"{record.subject.describe()}: {record.error}")
-                if display.streamed and record.ok:
-                    sys.stdout.write("\n")
-                elif display.draw is not None:
+                if display.draw is not None:
                     if record.ok:
                         display.draw(record.to_json())
-                else:
+                elif not streamed:
                     sink.write(record)
                 if progress is not None:
                     _advance(progress, failures)

@@ -12,7 +12,7 @@ from llavanext_cli.cli.console import warn
 from llavanext_cli.errors import UsageError
 from llavanext_cli.generation import GenerationOptions
 from llavanext_cli.settings import Settings, load_settings
-from llavanext_cli.writers import OutputLock, check_writable
+from llavanext_cli.writers import APPENDED_FORMATS, OutputLock, check_writable
 
 
 def user_config_path() -> Path:
@@ -38,7 +38,7 @@ def check_output(output: Path | None, fmt: str, resume: bool) -> OutputLock | No
     appended to, so that a second run on the same file refuses instead of interleaving."""
     if resume and output is None:
         raise UsageError("--resume needs -o FILE (the jsonl file of the interrupted run)")
-    if resume and fmt != "jsonl":
+    if resume and fmt not in APPENDED_FORMATS:
         raise UsageError(f"--resume works on jsonl output, not {fmt}", hint="use -o FILE.jsonl or --format jsonl")
     if output is None:
         return None
@@ -48,8 +48,9 @@ def check_output(output: Path | None, fmt: str, resume: bool) -> OutputLock | No
     if not parent.is_dir():
         raise UsageError(f"-o {output}: directory {parent} does not exist")
     check_writable(output)
-    # json / csv are written to a temporary file and renamed: only an appended file needs the lock.
-    return OutputLock(output) if fmt == "jsonl" else None
+    # json / csv are written to a temporary file and renamed: only an appended file (jsonl, an imagefolder's
+    # metadata.jsonl) needs the lock.
+    return OutputLock(output) if fmt in APPENDED_FORMATS else None
 
 
 @dataclass

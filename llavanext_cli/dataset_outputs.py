@@ -1,0 +1,319 @@
+"""Training-set outputs, the two layouts image-model trainers read (the contract's "Data sets"):
+
+- sidecar captions (`--sidecar`): each answer in `STEM.txt` beside its image, as kohya-ss sd-scripts, OneTrainer,
+  SimpleTuner and ai-toolkit read them; an image that has one is done (a rerun is the resume);
+- a Hugging Face imagefolder (`--format imagefolder -o DIR/metadata.jsonl`): one line per success,
+  `{"file_name": the image's path relative to DIR, "text" | "label": ...}`, which
+  `datasets.load_dataset("imagefolder", data_dir=DIR)` reads (datasets 3.4 or newer: the metadata file is the list
+  of examples, so an image that failed, and has no line, is simply not in the data set).
+
+What is checked before any work (and refused with a UsageError, exit 2), what is skipped, and how each record is
+written. No terminal here: the command layer prints."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from llavanext_cli.errors import UsageError
+from llavanext_cli.images import is_url
+from llavanext_cli.records import DATA_KEY, Failure, JsonRecord, Record, Subject
+from llavanext_cli.writers import create_temporary, write_atomically
+
+SIDECAR_EXTENSION = ".txt"
+METADATA_NAME = "metadata.jsonl"
+# The metadata files datasets' imagefolder reads (one kind per folder).
+_OTHER_METADATA_NAMES = ("metadata.csv", "metadata.parquet")
+
+
+# --- sidecar captions ----------------------------------------------------------------------------------------
+
+
+def sidecar_path(image: str) -> Path:
+    """The caption file of a local image: the same folder and stem, `.txt` (`photos/dog.1.jpg` ->
+    `photos/dog.1.txt`, as the trainers look it up)."""
+    path = Path(image)
+    return path.with_name(path.stem + SIDECAR_EXTENSION)
+
+
+def _is_its_own_caption_file(image: str) -> bool:
+    """An image named explicitly whatever its extension, `notes.txt`: its caption file would be itself."""
+    return os.path.normcase(os.path.abspath(sidecar_path(image))) == os.path.normcase(os.path.abspath(image))
+
+
+def one_line(text: str) -> str:
+    """An answer as one line: its line breaks (and the blank lines of paragraphs) become one space. sd-scripts reads
+    only a caption file's first line and OneTrainer can take each line as a caption of its own."""
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+@dataclass(frozen=True)
+class Sidecars:
+    """`--sidecar`: each answer also written to STEM.txt beside its image, as `prefix + answer + suffix` (verbatim:
+    `--prefix "sks dog, "` brings its own comma and space), on one line, UTF-8, no trailing newline, through a
+    temporary file renamed over it. An image that already has one is skipped unless `overwrite`."""
+
+    prefix: str = ""
+    suffix: str = ""
+    overwrite: bool = False
+
+    def content(self, text: str) -> str:
+        return self.prefix + one_line(text) + self.suffix
+
+    def check_jobs(self, jobs: Sequence[Any]) -> None:
+        """Refuse, before any work, what one caption file per image cannot hold: one answer about several images
+        (ask --together), several answers about one image (ask -q A -q B, a --questions file naming an image
+        twice), and two images whose caption files would be the same (cat.jpg and cat.png)."""
+        owners: dict[str, tuple[str, Subject]] = {}
+        for job in jobs:
+            subject: Subject = job.subject
+            if subject.together:
+                raise UsageError("--sidecar writes one caption file per image, and --together makes one answer "
+                                 "about several images", hint="drop --together, or write -o answers.jsonl instead")
+            image = subject.images[0]
+            if is_url(image):
+                continue
+            where = os.path.normcase(os.path.abspath(sidecar_path(image)))
+            if where in owners:
+                other, other_subject = owners[where]
+                if other_subject == subject:
+                    raise UsageError(f"--sidecar writes one caption file per image, and {image} is asked more than "
+                                     "one question",
+                                     hint="ask one question per run with --sidecar, or write -o answers.jsonl")
+                raise UsageError(f"--sidecar: {other} and {image} would both write their caption to "
+                                 f"{sidecar_path(image)}", hint="rename one of them, or caption them in separate runs")
+            owners[where] = (image, subject)
+
+    def has_caption(self, subject: Subject) -> bool:
+        """Done already: its caption file exists (and --overwrite was not given)."""
+        image = subject.images[0]
+        return (not self.overwrite and not is_url(image) and not _is_its_own_caption_file(image)
+                and sidecar_path(image).is_file())
+
+    def refusals(self, subjects: Iterable[Subject]) -> dict[Subject, str]:
+        """The subjects that cannot get a caption file, and why, found before any work: URLs (no folder to write
+        in), and images whose folder refuses a new file (each folder tried once)."""
+        refused: dict[Subject, str] = {}
+        folders: dict[Path, str | None] = {}
+        for subject in subjects:
+            image = subject.images[0]
+            if is_url(image):
+                refused[subject] = ("--sidecar needs a local image file: a URL has no folder to write its caption "
+                                    "file in (download it first)")
+                continue
+            path = sidecar_path(image)
+            if _is_its_own_caption_file(image):
+                refused[subject] = f"--sidecar: the caption file of {image} would be the image itself"
+                continue
+            folder = path.parent
+            if folder not in folders:
+                folders[folder] = _cannot_write_in(folder)
+            if folders[folder] is not None:
+                refused[subject] = f"cannot write its caption file {path}: {folders[folder]}"
+        return refused
+
+    def finish(self, record: Record) -> Record:
+        """Write a success's caption file; a file that cannot be written makes the record an error record (the run
+        goes on). Error records write nothing."""
+        text = getattr(record, "text", None)
+        if not record.ok or text is None:
+            return record
+        path = sidecar_path(record.subject.images[0])
+        try:
+            write_atomically(path, self.content(text))
+        except OSError as exc:
+            return Failure(record.subject, f"cannot write its caption file {path}: {exc.strerror or exc}",
+                           getattr(record, "extra", {}))
+        return record
+
+
+def _cannot_write_in(folder: Path) -> str | None:
+    """Why a new file cannot be created in a folder (None when it can, or when the folder does not exist: the image
+    is missing and its own error says so)."""
+    if not folder.is_dir():
+        return None
+    try:
+        create_temporary(folder / "probe").unlink()
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
+
+
+# --- Hugging Face imagefolder ---------------------------------------------------------------------------------
+
+# The columns a row is made of, which a --schema answer's properties never replace (they become "data.NAME").
+_ROW_KEYS = frozenset({"file_name", "file_names", "prompt", "text", "label"})
+
+
+def _inside(image: str, root: Path) -> str | None:
+    """An image's path relative to `root` with POSIX separators; None when it is not inside. Compared as written
+    (a symbolic link inside root counts as inside), then with links resolved (root given through a link)."""
+    for resolve in (os.path.abspath, os.path.realpath):
+        try:
+            relative = os.path.relpath(resolve(image), resolve(root))
+        except ValueError:  # another drive (Windows)
+            continue
+        if relative != os.pardir and not relative.startswith(os.pardir + os.sep) and not os.path.isabs(relative):
+            return Path(relative).as_posix()
+    return None
+
+
+@dataclass(frozen=True)
+class ImageFolder:
+    """`--format imagefolder -o DIR/metadata.jsonl`: a success's line is `{"file_name": path relative to DIR,
+    "text": prefix + answer + suffix}` (`ask --together`: `"file_names": [...]`, which datasets loads as a list of
+    images); where the run asks several prompts a `"prompt"` column comes before the answer; a --schema answer's
+    top-level properties follow as columns; classify writes `"label"`. Failures write no line."""
+
+    metadata: Path
+    with_prompt: bool = False
+    prefix: str = ""
+    suffix: str = ""
+
+    @property
+    def root(self) -> Path:
+        return self.metadata.parent
+
+    @staticmethod
+    def check_output(output: Path | None) -> Path:
+        """The output an imagefolder is written to: -o DIR/metadata.jsonl, the file name datasets looks for."""
+        if output is None:
+            raise UsageError("--format imagefolder writes DIR/metadata.jsonl beside the images",
+                             hint="add -o DIR/metadata.jsonl, DIR being the folder that holds the images")
+        if output.name != METADATA_NAME:
+            raise UsageError(f"--format imagefolder writes a file named {METADATA_NAME} (the name datasets' "
+                             f"imagefolder looks for), not {output.name}", hint=f"-o {output.with_name(METADATA_NAME)}")
+        return output
+
+    def other_metadata(self) -> list[Path]:
+        """Metadata files of another kind in DIR: datasets refuses a folder that mixes them."""
+        return [self.root / name for name in _OTHER_METADATA_NAMES if (self.root / name).exists()]
+
+    def check_inputs(self, jobs: Sequence[Any]) -> None:
+        """Every input must be a local image inside DIR (a line names it relative to DIR; datasets refuses paths
+        that leave it): the first one that is not is refused, before any work."""
+        for job in jobs:
+            for image in job.subject.images:
+                if is_url(image):
+                    raise UsageError(f"--format imagefolder: {image} is a URL, not an image file in {self.root}",
+                                     hint="download the images into the data set's folder first")
+                if _inside(image, self.root) is None:
+                    raise UsageError(f"--format imagefolder: {image} is not inside {self.root}, the folder of "
+                                     f"{self.metadata.name}",
+                                     hint=f"put the images under {self.root}, or write -o IMAGES_DIR/{METADATA_NAME}")
+
+    def _names(self, images: Sequence[str]) -> list[str]:
+        names = [_inside(image, self.root) for image in images]
+        if None in names:  # check_inputs ran first
+            raise ValueError(f"not inside {self.root}: {images}")
+        return names  # type: ignore[return-value]
+
+    def row(self, record: Mapping[str, Any]) -> JsonRecord | None:
+        """The metadata line of a record's JSON (None for an error record)."""
+        if "error" in record:
+            return None
+        if isinstance(record.get("images"), list):
+            row: JsonRecord = {"file_names": self._names(record["images"])}
+        else:
+            row = {"file_name": self._names([record["image"]])[0]}
+        if self.with_prompt and "prompt" in record:
+            row["prompt"] = record["prompt"]
+        if "label" in record:
+            row["label"] = record["label"]
+        else:
+            row["text"] = self.prefix + str(record["text"]) + self.suffix
+        data = record.get(DATA_KEY)
+        if isinstance(data, dict):
+            for name, value in data.items():
+                row[f"{DATA_KEY}.{name}" if name in _ROW_KEYS else name] = value
+        elif DATA_KEY in record:
+            row[DATA_KEY] = data
+        return row
+
+    def _key(self, names: Sequence[str], prompt: Any) -> str:
+        return json.dumps([list(names), prompt if self.with_prompt else None], ensure_ascii=False)
+
+    def row_key(self, row: Mapping[str, Any]) -> str | None:
+        """--resume: the key of the input a metadata line answered (its file name(s), and its prompt where the run
+        asks several)."""
+        if isinstance(row.get("file_name"), str):
+            names = [row["file_name"]]
+        elif isinstance(row.get("file_names"), list):
+            names = [str(name) for name in row["file_names"]]
+        else:
+            return None
+        return self._key(names, row.get("prompt"))
+
+    def job_key(self, job: Any) -> str:
+        """The key of a job, as `row_key` gives it for the line the job's success writes."""
+        return self._key(self._names(job.subject.images), getattr(job, "prompt", None))
+
+    def record_key(self, record: Mapping[str, Any]) -> str | None:
+        """The key of a record (a data-parallel shard holds records): that of the line it writes; None for an error
+        record."""
+        row = self._shard_row(record)
+        return None if row is None else self.row_key(row)
+
+    def _shard_row(self, record: Mapping[str, Any]) -> JsonRecord | None:
+        """The line of a record read back from a shard; None for an error record, or for a record no line can be
+        made of (about an image outside DIR: a shard left by another command)."""
+        try:
+            return self.row(record)
+        except (KeyError, ValueError):
+            return None
+
+    def merge_shards(self) -> list[JsonRecord]:
+        """A data-parallel run's end (the main process, once every process is done): the records of the shards
+        beside the metadata file, in input order, appended to it as lines (successes only); the shards removed.
+        Returns the records merged (the failures among them decide the exit code)."""
+        from llavanext_cli.sharding import INDEX_KEY, existing_shards, read_shard_records
+
+        shards = existing_shards(self.metadata)
+        records = sorted((record for path in shards for record in read_shard_records(path)),
+                         key=lambda record: record.get(INDEX_KEY, 0))
+        merged = [{key: value for key, value in record.items() if key != INDEX_KEY} for record in records]
+        with open(self.metadata, "a", encoding="utf-8") as handle:
+            for record in merged:
+                row = self._shard_row(record)
+                if row is not None:
+                    handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        for path in shards:
+            path.unlink()
+        return merged
+
+
+# --- the flags --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DataSetFlags:
+    """A command's training-set flags as given: --sidecar, --overwrite, --prefix, --suffix (classify has none of
+    them; --format imagefolder is the format setting)."""
+
+    sidecar: bool = False
+    overwrite: bool = False
+    prefix: str | None = None
+    suffix: str | None = None
+
+    def outputs(self, fmt: str, output: Path | None,
+                with_prompt: bool) -> tuple[Sidecars | None, ImageFolder | None]:
+        """The run's training-set outputs, checked against each other and the output format (before any work);
+        `with_prompt`: the run asks several prompts (an imagefolder line then names its prompt)."""
+        imagefolder = fmt == "imagefolder"
+        if self.overwrite and not self.sidecar:
+            raise UsageError("--overwrite applies to --sidecar: it captions again the images that already have a "
+                             "caption file", hint="add --sidecar, or drop --overwrite")
+        if (self.prefix is not None or self.suffix is not None) and not (self.sidecar or imagefolder):
+            given = "--prefix" if self.prefix is not None else "--suffix"
+            raise UsageError(f"{given} applies to the training-set outputs: the caption files (--sidecar) and the "
+                             "text column of --format imagefolder", hint="add --sidecar or --format imagefolder")
+        prefix, suffix = self.prefix or "", self.suffix or ""
+        sidecars = Sidecars(prefix, suffix, self.overwrite) if self.sidecar else None
+        folder = ImageFolder(ImageFolder.check_output(output), with_prompt, prefix, suffix) if imagefolder else None
+        return sidecars, folder
