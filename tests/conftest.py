@@ -91,6 +91,21 @@ def run_llava_process(*args: str, env: dict[str, str] | None = None, stdin: str 
                           capture_output=True, env=full_env, timeout=timeout, cwd=str(REPO))
 
 
+@contextlib.contextmanager
+def http_server(handler: type):
+    """A local HTTP server answering with `handler` (a BaseHTTPRequestHandler class): its base URL."""
+    from http.server import ThreadingHTTPServer
+    import threading
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+
+
 def folder_of_examples(folder: Path, count: int) -> Path:
     """`count` copies of the example images (cycling through them) in a new folder, named in input order."""
     import shutil

@@ -6,13 +6,12 @@ import csv
 import io
 import json
 import shutil
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 
-from conftest import EXAMPLES, TEST_IMAGES, run_cli
+from conftest import EXAMPLES, TEST_IMAGES, http_server, run_cli
 
 PROMPT = "What is shown in this image?"
 RENDERED = {
@@ -104,11 +103,8 @@ class _Handler(BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def server():
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
+    with http_server(_Handler) as url:
+        yield url
 
 
 def test_urls(tiny_next, server, monkeypatch, tmp_path):

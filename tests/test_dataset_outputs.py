@@ -9,13 +9,12 @@ import shutil
 import stat
 import subprocess
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
 
-from conftest import EXAMPLES, REPO, TEST_IMAGES, run_cli
+from conftest import EXAMPLES, REPO, TEST_IMAGES, http_server, run_cli
 
 TOKENS = ("--max-new-tokens", "3")
 
@@ -136,11 +135,8 @@ class _CountingHandler(BaseHTTPRequestHandler):
 @pytest.fixture
 def server():
     _CountingHandler.requests = 0
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _CountingHandler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
+    with http_server(_CountingHandler) as url:
+        yield url
 
 
 def test_a_url_input_is_an_error_record_and_writes_no_file(tiny_next, tmp_path, server, monkeypatch):
