@@ -159,7 +159,7 @@ class ChatSession:
         candidate, dropped, (prompt, pictures, ids) = self._fit(candidate)
         if self._uses_cache(prompt, pictures, ids):
             result = self._cache.generate(self.checkpoint, ids, [picture.tensors for picture in pictures],
-                                          self.options, on_text=on_text)
+                                          [picture.sha256 for picture in pictures], self.options, on_text=on_text)
             reused = self._cache.reused
         else:
             images = [picture.image for picture in pictures]

@@ -199,29 +199,38 @@ def _continue(checkpoint: Any, shared: SharedPrompts, cache: Any, rows: list[int
 class ConversationCache:
     """The key/value cache of a conversation and the ids it holds, kept between turns. Each turn's ids are compared
     with them: the cache is cut back to where they first differ and only the rest runs through the model (with the
-    images whose tokens are in it). A turn that fails or is interrupted leaves no cache (the next one starts over)."""
+    images whose tokens are in it). All of an image's tokens have the same id, so the ids alone cannot tell two
+    images of the same size apart (the oldest turns dropped, another image now first): the cache also knows which
+    image each run of image tokens stands for, and is cut back to the first image that is not the one it holds.
+    A turn that fails or is interrupted leaves no cache (the next one starts over)."""
 
     cache: Any = None
     ids: list[int] = field(default_factory=list)
+    images: dict[int, str] = field(default_factory=dict)  # where an image's tokens start in `ids` -> its identity
     reused: int = 0  # ids the last turn took from the cache (for tests and the curious)
 
     def clear(self) -> None:
         self.cache = None
         self.ids = []
+        self.images = {}
         self.reused = 0
 
-    def generate(self, checkpoint: Any, ids: list[int], images: Sequence[dict[str, Any]], options: GenerationOptions,
-                 on_text: Callable[[str], None] | None = None) -> Generation:
-        """Answer the prompt `ids`; `images` are the tensors of each image in the prompt, in order."""
+    def generate(self, checkpoint: Any, ids: list[int], images: Sequence[dict[str, Any]], image_keys: Sequence[str],
+                 options: GenerationOptions, on_text: Callable[[str], None] | None = None) -> Generation:
+        """Answer the prompt `ids`; `images` are the tensors of each image in the prompt, in order, and `image_keys`
+        what tells them apart (a digest of the file)."""
         import torch
         from transformers import DynamicCache
 
         image_token = image_token_id(checkpoint.processor)
         runs = image_token_runs(ids, image_token)
         keep = min(common_prefix_length([ids, self.ids]) if self.ids else 0, len(ids) - 1)
-        for start, end in runs:  # never cut an image in two: its tokens are encoded whole, or not at all
-            if start < keep < end:
+        for (start, end), key in zip(runs, image_keys):
+            if start >= keep:
+                break
+            if keep < end or self.images.get(start) != key:  # never cut an image in two, nor keep another's tokens
                 keep = start
+                break
         new_images = [tensors for (start, _), tensors in zip(runs, images) if start >= keep]
         if keep and self.cache is not None:
             surplus = self.cache.get_seq_length() - keep
@@ -245,6 +254,7 @@ class ConversationCache:
             self.clear()
             raise
         self.ids = output[0].tolist()[:self.cache.get_seq_length()]
+        self.images = {start: key for (start, _), key in zip(runs, image_keys)}
         return result
 
 

@@ -114,7 +114,7 @@ def test_bad_commands_are_reported_and_the_session_goes_on(tiny_next, tmp_path):
     assert len(replies) == 1
 
 
-def test_context_overflow_drops_the_oldest_turns_and_says_so(tmp_path):
+def test_context_overflow_drops_the_oldest_turns_and_says_so(tmp_path, hf_reference):
     spec = yaml.safe_load((REPO / "configs" / "tiny-llava.yaml").read_text())
     spec["text"]["max_position_embeddings"] = 1400  # about two 576-token images
     path = tmp_path / "short.yaml"
@@ -124,6 +124,20 @@ def test_context_overflow_drops_the_oldest_turns_and_says_so(tmp_path):
     result, replies = chat(tmp_path / "short", lines, CAT)
     assert result.exit_code == 0, result.stderr
     assert len(replies) == 3 and "dropped the oldest 1 exchange" in result.stderr
+    # Every image is 576 tokens of the same id here: after the drop, the rocket's tokens stand where the cat's stood
+    # in the conversation's cache. The answer must still be the one to the history as kept.
+    kept = [user("Second?", ROCKET), assistant(replies[1]["text"]), user("Third?", CAT)]
+    assert replies[2]["text"] == reference_reply(hf_reference, tmp_path / "short", kept, render=llava_15_turns)
+
+
+def llava_15_turns(messages):
+    """The seeds' multi-turn llava-1.5 prompt: "USER: <image>\\n<prompt1> ASSISTANT: <answer1></s>USER: ..."."""
+    parts = []
+    for message in messages:
+        images = "".join("<image>\n" for item in message["content"] if item["type"] == "image")
+        text = "".join(item["text"] for item in message["content"] if item["type"] == "text")
+        parts.append(f"USER: {images}{text} " if message["role"] == "user" else f"ASSISTANT: {text}</s>")
+    return "".join(parts) + "ASSISTANT:"
 
 
 def test_terminal_session(tiny_next):

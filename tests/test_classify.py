@@ -11,7 +11,7 @@ from conftest import EXAMPLES, TEST_IMAGES, run_cli
 
 # shared prefixes, punctuation, quotes and non-ASCII (commas separate labels on the command line)
 LABELS = ["a cat", "a cat toy", "rocket", "«naïve» \"quoted\" ok?", "dog", "b"]
-IMAGES = [EXAMPLES / "chelsea.png", EXAMPLES / "rocket.jpg", TEST_IMAGES / "page.png"]
+IMAGES = [EXAMPLES / "chelsea.png", TEST_IMAGES / "page.png"]  # a photo, and a page of awkward geometry
 QUESTION = "What is this? Answer with one of: {labels}."
 
 

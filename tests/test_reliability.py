@@ -117,7 +117,7 @@ def _wait_for_lines(path: Path, count: int, process: subprocess.Popen, timeout: 
 
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_interrupted_run_keeps_finished_records_and_resume_completes_it(tmp_path, tiny_next, sig, code):
-    folder = folder_of_examples(tmp_path / "many", 40)
+    folder = folder_of_examples(tmp_path / "many", 20)
     out = tmp_path / "out.jsonl"
     args = ("caption", folder, "-m", tiny_next, "--max-new-tokens", "4", "-o", out)
     process = _start(*args)
@@ -128,7 +128,7 @@ def test_interrupted_run_keeps_finished_records_and_resume_completes_it(tmp_path
     text = out.read_text()
     assert text.endswith("\n")
     kept = [json.loads(line) for line in text.splitlines()]  # every line is whole
-    assert 3 <= len(kept) < 40
+    assert 3 <= len(kept) < 20
     assert [r["image"] for r in kept] == [str(folder / p.name) for p in sorted(folder.iterdir())][:len(kept)]
     resumed = run_llava_process(*args, "--resume")
     assert resumed.returncode == 0, resumed.stderr
