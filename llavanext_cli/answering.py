@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +15,8 @@ from llavanext_cli.errors import InputError, UsageError
 from llavanext_cli.generation import GenerationOptions, generate
 from llavanext_cli.images import ImageFetching
 from llavanext_cli.prompts import single_image_conversation
-from llavanext_cli.records import NO_DATA, Answer, Failure, Record, Subject, answer_key
+from llavanext_cli.inputs import InputWarning
+from llavanext_cli.records import MADE_KEYS, NO_DATA, Answer, Failure, Record, Subject, answer_key
 
 
 @dataclass(frozen=True)
@@ -201,8 +203,10 @@ def answer_jobs(
 
 def read_question_jobs(stream: TextIO, name: str) -> list[PromptJob]:
     """`ask --questions`: one JSON object a line with "image" or "images" and "question"; other keys are kept
-    and copied into the record. A malformed line is a usage error naming the line."""
+    and copied into the record, except those named like the record's own (a warning says which). A malformed line
+    is a usage error naming the line."""
     jobs = []
+    not_copied: set[str] = set()
     for number, line in enumerate(stream, start=1):
         if not line.strip():
             continue
@@ -228,9 +232,15 @@ def read_question_jobs(stream: TextIO, name: str) -> list[PromptJob]:
                 raise UsageError(f"{where}: \"images\" must be a non-empty list of paths or URLs")
             subject = Subject(tuple(value), together=True)
         extra = {k: v for k, v in item.items() if k not in ("image", "images", "question")}
+        not_copied.update(key for key in extra if key in MADE_KEYS)
         jobs.append(PromptJob(subject, question, extra))
     if not jobs:
         raise UsageError(f"{name}: no questions")
+    if not_copied:
+        keys = ", ".join(f'"{key}"' for key in sorted(not_copied))
+        warnings.warn(f"{name}: {keys} {'is a key' if len(not_copied) == 1 else 'are keys'} of the records this "
+                      "command writes, not copied from the questions file (rename to keep)", InputWarning,
+                      stacklevel=2)
     return jobs
 
 

@@ -5,7 +5,8 @@
 - a Hugging Face imagefolder (`--format imagefolder -o DIR/metadata.jsonl`): one line per success,
   `{"file_name": the image's path relative to DIR, "text" | "label": ...}`, which
   `datasets.load_dataset("imagefolder", data_dir=DIR)` reads (datasets 3.4 or newer: the metadata file is the list
-  of examples, so an image that failed, and has no line, is simply not in the data set).
+  of examples, so an image that failed, and has no line, is simply not in the data set); an image that has a line
+  is done (a rerun is the resume), and an image has one line, never two (--overwrite replaces it).
 
 What is checked before any work (and refused with a UsageError, exit 2), what is skipped, and how each record is
 written. No terminal here: the command layer prints."""
@@ -173,6 +174,7 @@ class ImageFolder:
     with_prompt: bool = False
     prefix: str = ""
     suffix: str = ""
+    overwrite: bool = False
 
     @property
     def root(self) -> Path:
@@ -248,6 +250,33 @@ class ImageFolder:
             return None
         return self._key(names, row.get("prompt"))
 
+    def finished_keys(self) -> set[str]:
+        """The keys of the inputs that have a line already (none with --overwrite: they are all done again)."""
+        from llavanext_cli.writers import read_finished_keys
+
+        return set() if self.overwrite else read_finished_keys(self.metadata, self.row_key)
+
+    def keep_last_lines(self) -> None:
+        """One line per input: where --overwrite (or a run killed before it could tidy up) left an input with
+        several lines, only its last (the newest answer) is kept; the file rewritten whole, atomically, and only
+        when there is something to remove. Lines that name no input are kept as they are."""
+        try:
+            lines = self.metadata.read_text(encoding="utf-8").splitlines(keepends=True)
+        except FileNotFoundError:
+            return
+        keys: list[str | None] = []
+        for line in lines:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                row = None
+            keys.append(self.row_key(row) if isinstance(row, dict) else None)
+        last = {key: position for position, key in enumerate(keys) if key is not None}
+        if len(last) == sum(key is not None for key in keys):
+            return
+        kept = [line for position, (line, key) in enumerate(zip(lines, keys)) if key is None or last[key] == position]
+        write_atomically(self.metadata, "".join(kept))
+
     def job_key(self, job: Any) -> str:
         """The key of a job, as `row_key` gives it for the line the job's success writes."""
         return self._key(self._names(job.subject.images), getattr(job, "prompt", None))
@@ -301,19 +330,23 @@ class DataSetFlags:
     prefix: str | None = None
     suffix: str | None = None
 
-    def outputs(self, fmt: str, output: Path | None,
-                with_prompt: bool) -> tuple[Sidecars | None, ImageFolder | None]:
+    def outputs(self, fmt: str, output: Path | None, with_prompt: bool,
+                resume: bool = False) -> tuple[Sidecars | None, ImageFolder | None]:
         """The run's training-set outputs, checked against each other and the output format (before any work);
         `with_prompt`: the run asks several prompts (an imagefolder line then names its prompt)."""
         imagefolder = fmt == "imagefolder"
-        if self.overwrite and not self.sidecar:
-            raise UsageError("--overwrite applies to --sidecar: it captions again the images that already have a "
-                             "caption file", hint="add --sidecar, or drop --overwrite")
+        if self.overwrite and not (self.sidecar or imagefolder):
+            raise UsageError("--overwrite applies to the training-set outputs: it does again the images that already "
+                             "have a caption file (--sidecar) or a line in metadata.jsonl (--format imagefolder)",
+                             hint="add --sidecar or --format imagefolder, or drop --overwrite")
+        if self.overwrite and resume:
+            raise UsageError("--overwrite does again what is done, --resume skips it: give one of them")
         if (self.prefix is not None or self.suffix is not None) and not (self.sidecar or imagefolder):
             given = "--prefix" if self.prefix is not None else "--suffix"
             raise UsageError(f"{given} applies to the training-set outputs: the caption files (--sidecar) and the "
                              "text column of --format imagefolder", hint="add --sidecar or --format imagefolder")
         prefix, suffix = self.prefix or "", self.suffix or ""
         sidecars = Sidecars(prefix, suffix, self.overwrite) if self.sidecar else None
-        folder = ImageFolder(ImageFolder.check_output(output), with_prompt, prefix, suffix) if imagefolder else None
+        folder = (ImageFolder(ImageFolder.check_output(output), with_prompt, prefix, suffix, self.overwrite)
+                  if imagefolder else None)
         return sidecars, folder

@@ -25,9 +25,10 @@ RECORD_KEYS = ("image", "images", "prompt", "text", "label", "truth", "scores", 
                "error")
 # A --schema answer's parsed object: in JSON under "data"; in CSV, one column per top-level property instead.
 DATA_KEY = "data"
-# Those the tool makes, which a --questions line's own keys never replace nor add to a record ("truth" is not one:
-# it is ground truth the input carries, like "answers", and a --questions line's "truth" is copied as it was).
-_MADE_KEYS = frozenset(RECORD_KEYS) - {"truth"} | {DATA_KEY}
+# Those the tool makes, which a --questions line's own keys never replace nor add to a record (an ask record with a
+# "label" would read as a classify record to --resume and `llava score`, one with "error" as a failure; the reader
+# is told). "truth" is not one: it is ground truth the input carries, like "answers", and is copied as it was.
+MADE_KEYS = frozenset(RECORD_KEYS) - {"truth"} | {DATA_KEY}
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,7 @@ class Subject:
 
 
 def _with_extra(own: JsonRecord, extra: Mapping[str, Any]) -> JsonRecord:
-    return {**own, **{key: value for key, value in extra.items() if key not in own and key not in _MADE_KEYS}}
+    return {**own, **{key: value for key, value in extra.items() if key not in own and key not in MADE_KEYS}}
 
 
 NO_DATA: Any = object()  # an Answer to a prompt without --schema
@@ -150,10 +151,10 @@ def resume_key(record: Mapping[str, Any]) -> str | None:
         subject = Subject.of(record["image"])
     else:
         return None
-    if "label" in record:
-        return classification_key(subject)
     if "text" in record and isinstance(record.get("prompt"), str):
         return answer_key(subject, record["prompt"])
+    if "label" in record:
+        return classification_key(subject)
     return None
 
 
@@ -172,18 +173,25 @@ def text_line(record: JsonRecord, many: bool, with_prompt: bool = False) -> str:
     return f"{subject}\t{prompt}" + " ".join(body.split("\n"))
 
 
-def csv_row(record: JsonRecord) -> JsonRecord:
-    """A record as a CSV row: a --schema answer's object spread into one column per top-level property, where
-    the record had "data" (named "data.NAME" where a property's name is already a column); lists and objects
-    (scores, images, copied keys, nested data) as JSON text."""
+def csv_rows(records: Sequence[JsonRecord]) -> list[JsonRecord]:
+    """Records as CSV rows: a --schema answer's object spread into one column per top-level property (named
+    "data.NAME" where NAME is a column of its own in any row, a contract key or a key copied from a --questions
+    line, so that a column means one thing in every row); lists, objects and booleans (scores, images, copied
+    keys, nested data) as JSON text."""
+    taken = set(RECORD_KEYS) | {key for record in records for key in record if key != DATA_KEY}
+    return [csv_row(record, taken) for record in records]
+
+
+def csv_row(record: JsonRecord, taken: set[str] | frozenset[str] = frozenset(RECORD_KEYS)) -> JsonRecord:
+    """One record as a CSV row (see csv_rows); `taken`: the column names a data property must not take."""
     row: JsonRecord = {}
     for key, value in record.items():
         if key == DATA_KEY and isinstance(value, dict):
             for name, item in value.items():
-                row[name if name not in record and name not in RECORD_KEYS else f"{DATA_KEY}.{name}"] = item
+                row[name if name not in taken else f"{DATA_KEY}.{name}"] = item
         else:
             row[key] = value
-    return {key: json.dumps(value, ensure_ascii=False) if isinstance(value, (dict, list)) else value
+    return {key: json.dumps(value, ensure_ascii=False) if isinstance(value, (dict, list, bool)) else value
             for key, value in row.items()}
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from llavanext_cli.errors import UsageError
-from llavanext_cli.records import JsonRecord, Record, csv_columns, csv_row, text_line
+from llavanext_cli.records import JsonRecord, Record, csv_columns, csv_rows, text_line
 
 OUTPUT_FORMATS = ("text", "json", "jsonl", "csv", "imagefolder")
 # The formats appended to a file line by line (locked while a run writes; --resume reads them back).
@@ -32,7 +32,7 @@ def format_for(requested: str | None, output: Path | None) -> str:
 
 
 def records_to_csv(records: list[JsonRecord]) -> str:
-    rows = [csv_row(record) for record in records]
+    rows = csv_rows(records)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=csv_columns(rows), lineterminator="\n")
     writer.writeheader()

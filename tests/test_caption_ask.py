@@ -215,7 +215,8 @@ def test_ask_each_and_together(tiny_next, hf_reference):
 
 def test_ask_questions_file(tiny_next, tmp_path):
     lines = [
-        {"image": str(EXAMPLES / "chelsea.png"), "question": "Is it a cat?", "id": "q1", "answer": "yes"},
+        {"image": str(EXAMPLES / "chelsea.png"), "question": "Is it a cat?", "id": "q1", "answer": "yes",
+         "label": "cat", "model": "another"},  # named like a record's own keys: not copied, and said so
         {"images": [str(EXAMPLES / "chelsea.png"), str(EXAMPLES / "rocket.jpg")], "question": "Same?", "id": "q2"},
         {"image": str(tmp_path / "gone.jpg"), "question": "Anything?", "id": "q3"},
     ]
@@ -228,6 +229,8 @@ def test_ask_questions_file(tiny_next, tmp_path):
     assert result.exit_code == 1
     assert [r["id"] for r in records] == ["q1", "q2", "q3"]
     assert records[0]["answer"] == "yes" and records[0]["prompt"] == "Is it a cat?" and "text" in records[0]
+    assert "label" not in records[0] and records[0]["model"] == str(tiny_next)
+    assert result.stderr.count('"label", "model" are keys of the records this command writes, not copied') == 1
     assert records[1]["images"] == lines[1]["images"] and "text" in records[1]
     assert "error" in records[2] and records[2]["id"] == "q3"
     from_stdin = records_of(run_cli("ask", "--questions", "-", "-m", tiny_next, "--max-new-tokens", "3",

@@ -222,7 +222,8 @@ def refusal_folder(tmp_path_factory) -> Path:
     (("ask", "{set}/chelsea.png", "{set}/rocket.jpg", "--together", "-q", "What?", "--sidecar"), "--together"),
     (("caption", "{set}/rocket.jpg", "{set}/rocket.png", "--sidecar"), "would both write their caption"),
     (("caption", "{set}/chelsea.png", "--prefix", "sks, "), "--prefix applies to the training-set outputs"),
-    (("caption", "{set}/chelsea.png", "--overwrite"), "--overwrite applies to --sidecar"),
+    (("caption", "{set}/chelsea.png", "--overwrite"), "--overwrite applies to the training-set outputs"),
+    (("caption", "{set}", "--sidecar", "--overwrite", "--resume", "-o", "{set}/../out.jsonl"), "give one of them"),
     (("caption", "{set}", "--format", "imagefolder"), "writes DIR/metadata.jsonl"),
     (("caption", "{set}", "--format", "imagefolder", "-o", "{set}/captions.jsonl"), "a file named metadata.jsonl"),
     (("caption", "{set}", str(EXAMPLES / "chelsea.png"), "--format", "imagefolder", "-o", "{set}/metadata.jsonl"),
@@ -272,12 +273,32 @@ def test_imagefolder_captions_load_with_datasets_and_resume_appends_what_is_miss
     metadata.write_text("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines[:2])
                         + json.dumps(lines[2])[:20], encoding="utf-8")
     resumed = run_cli(*base, "--format", "imagefolder", "-o", metadata, "--prefix", "ohwx, ", "--resume")
-    assert resumed.exit_code == 1 and "Resuming: 2 of 5 already done" in resumed.stderr
+    assert resumed.exit_code == 1 and "2 images already have a line in" in resumed.stderr
     assert [json.loads(line) for line in metadata.read_text(encoding="utf-8").splitlines()] == lines
     os.remove(folder / "broken.png")
     nothing = run_cli("caption", folder, "-r", "-m", tmp_path / "no-such-checkpoint", "--format", "imagefolder",
                       "-o", metadata, "--resume")
     assert nothing.exit_code == 0 and "Nothing to do" in nothing.stderr
+
+    # Without --resume too, a rerun is the resume: an image never gets a second line.
+    rerun = run_cli("caption", folder, "-r", "-m", tmp_path / "no-such-checkpoint", "--format", "imagefolder",
+                    "-o", metadata)
+    assert rerun.exit_code == 0 and "4 images already have a line in" in rerun.stderr, rerun.stderr
+    assert [json.loads(line) for line in metadata.read_text(encoding="utf-8").splitlines()] == lines
+    # A run killed after appending a line it was redoing left an image on two lines: the next run keeps the newest.
+    stale = {**lines[0], "text": "ohwx, an older caption"}
+    metadata.write_text("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in [stale, *lines[:3]]),
+                        encoding="utf-8")
+    tidied = run_cli(*base, "--format", "imagefolder", "-o", metadata, "--prefix", "ohwx, ")
+    assert tidied.exit_code == 0 and "3 images already have a line in" in tidied.stderr, tidied.stderr
+    assert [json.loads(line) for line in metadata.read_text(encoding="utf-8").splitlines()] == lines
+    # --overwrite does every image again and replaces its line.
+    overwritten = run_cli(*base, "--format", "imagefolder", "-o", metadata, "--prefix", "sks, ", "--overwrite")
+    assert overwritten.exit_code == 0, overwritten.stderr
+    assert [json.loads(line) for line in metadata.read_text(encoding="utf-8").splitlines()] == [
+        {**line, "text": "sks, " + line["text"].removeprefix("ohwx, ")} for line in lines]
+    assert load_imagefolder(folder, tmp_path / "cache-2").num_rows == len(lines)
+    assert not leftovers(folder)
 
 
 def test_imagefolder_classify_writes_labels(tiny_next, tmp_path):
@@ -309,7 +330,7 @@ def test_imagefolder_of_several_questions_names_the_prompt_and_together_names_th
     # --resume keys on (image, prompt).
     metadata.write_text("".join(json.dumps(line) + "\n" for line in lines[:3]))
     resumed = run_cli(*args, "--format", "imagefolder", "-o", metadata, "--resume")
-    assert resumed.exit_code == 0 and "Resuming: 3 of 4" in resumed.stderr
+    assert resumed.exit_code == 0 and "3 inputs already have a line in" in resumed.stderr
     assert [json.loads(line) for line in metadata.read_text(encoding="utf-8").splitlines()] == lines
 
     pairs = training_folder(tmp_path / "pairs")
@@ -387,7 +408,7 @@ def test_two_processes_write_their_own_caption_files_and_merge_the_metadata(tiny
                "-m", "llavanext_cli", *map(str, args)]
     process = subprocess.run(command, cwd=str(REPO), capture_output=True, text=True, timeout=300)
     assert process.returncode == 0, process.stderr
-    assert "1 more already have a caption file" in process.stderr
+    assert "(1 image already has a caption file (STEM.txt), skipped; --overwrite redoes it)" in process.stderr
     lines = [json.loads(line) for line in (folder / "metadata.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [line["file_name"] for line in lines] == ["rocket.jpg", "sub dir/clip.gif", "sub dir/hörse.png"]
     assert caption_file(folder / "chelsea.png").read_text() == "kept"

@@ -144,11 +144,26 @@ def test_csv_has_a_column_per_property_and_text_has_the_json(tiny_next, schema_f
     assert [name for name in header if name in SCHEMA["properties"]] == \
         [name for name in SCHEMA["properties"] if any(name in r.get("data", {}) for r in greedy[1])]
     for row, record in zip(rows, greedy[1]):
-        for name, value in record.get("data", {}).items():  # nested values as JSON text, the others as Python's str
-            assert row[name] == (json.dumps(value, ensure_ascii=False) if isinstance(value, (dict, list))
-                                 else str(value))
+        for name, value in record.get("data", {}).items():  # JSON text (true, [..]) except strings and numbers
+            assert row[name] == (value if isinstance(value, str) else json.dumps(value, ensure_ascii=False))
     text = run_cli("caption", IMAGES[1], "-m", tiny_next, "--schema", schema_file, "--max-new-tokens", "80").stdout
     assert json.loads(text) == greedy[1][1]["data"]
+
+
+def test_a_copied_key_named_like_a_property_keeps_one_meaning_per_column(tiny_next, tmp_path):
+    questions = tmp_path / "q.jsonl"
+    lines = [{"image": str(IMAGES[0]), "question": "How many?"},
+             {"image": str(IMAGES[1]), "question": "How many?", "count": 7}]  # the ground truth, say
+    questions.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    args = ("ask", "--questions", questions, "-m", tiny_next, "--schema", "count int 0..9, ok bool",
+            "--max-new-tokens", "30")
+    records = [json.loads(line) for line in run_cli(*args, "--format", "jsonl").stdout.splitlines()]
+    assert all("data" in record for record in records)
+    rows = list(csv.DictReader(io.StringIO(run_cli(*args, "--format", "csv").stdout)))
+    assert list(rows[0])[-3:] == ["data.count", "ok", "count"]
+    for row, record in zip(rows, records):
+        assert row["count"] == str(record.get("count", ""))  # the copied key, in every row
+        assert row["data.count"] == str(record["data"]["count"]) and row["ok"] in ("true", "false")
 
 
 def test_an_answer_cut_short_is_an_error_record_never_bad_data(tiny_next, schema_file):

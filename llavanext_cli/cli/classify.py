@@ -43,6 +43,7 @@ def classify(
     output_format: opt.FormatOpt = None,
     output: opt.OutputOpt = None,
     resume: opt.ResumeOpt = False,
+    overwrite: opt.OverwriteOpt = False,
     max_memory: opt.MaxMemoryOpt = None,
     config: opt.ConfigOpt = None,
     offline: opt.OfflineOpt = None,
@@ -113,8 +114,11 @@ def classify(
         return classify_inputs(run.checkpoint, todo, question, label_list, settings.normalize, settings.batch_size,
                                fetching)
 
+    from llavanext_cli.dataset_outputs import DataSetFlags
+
     return execute(settings, jobs, records_for, output, resume, verbose,
-                   draw=lambda record: show_scores(record, len(jobs) > 1, top_k))
+                   draw=lambda record: show_scores(record, len(jobs) > 1, top_k),
+                   data_set=DataSetFlags(overwrite=overwrite))
 
 
 def show_scores(record: dict, many: bool, top_k: int) -> None:

@@ -1,5 +1,6 @@
 """Running a batch command's jobs: the output checked and locked before the model loads, finished inputs skipped
-(--resume; --sidecar: the images that have a caption file), the records written as they come by the one loop in
+(--resume; the training-set outputs: the images that have their caption file, their metadata.jsonl line), the
+records written as they come by the one loop in
 output.py (--sidecar: each caption file written there too); and, under `accelerate launch` / `torchrun`, each process
 taking its share of the inputs into its own shard, merged by the main process at the end.
 
@@ -75,7 +76,7 @@ def execute(settings: Settings, jobs: Sequence[Job], records_for: RecordsFor, ou
     # Text lines name the prompt too when the jobs ask more than one (ask -q A -q B, --questions); so do the lines
     # of an imagefolder.
     several_prompts = len({getattr(job, "prompt", None) for job in jobs}) > 1
-    sidecars, folder = data_set.outputs(fmt, output, several_prompts)
+    sidecars, folder = data_set.outputs(fmt, output, several_prompts, resume)
     if sidecars is not None:
         sidecars.check_jobs(jobs)
     if folder is not None:
@@ -86,23 +87,20 @@ def execute(settings: Settings, jobs: Sequence[Job], records_for: RecordsFor, ou
         return _execute_shard(settings, jobs, records_for, output, fmt, verbose, sidecars, folder)
     lock = check_output(output, fmt, resume)
     try:
-        remaining, captioned = list(jobs), 0
-        if resume and output is not None:
-            key_of_line, key_of_job = _resume_keys(folder)
-            finished = read_finished_keys(output, key_of_line)
-            remaining = [job for job in jobs if key_of_job(job) not in finished]
+        remaining = list(jobs)
+        if resume and output is not None and folder is None:
+            finished = read_finished_keys(output, resume_key)
+            remaining = [job for job in jobs if job.key() not in finished]
             if len(remaining) < len(jobs):
                 stderr.print(f"Resuming: {len(jobs) - len(remaining)} of {len(jobs)} already done in {output}.",
                              highlight=False)
-        if sidecars is not None:
-            remaining, captioned = _without_caption_files(remaining, sidecars)
-            if captioned:
-                stderr.print(_already_captioned(captioned), highlight=False)
+        done = _training_outputs_done(sidecars, folder)
+        todo_count = len(remaining)
+        remaining = [job for job in remaining if not done(job)]
+        if len(remaining) < todo_count:
+            stderr.print(_skipped(todo_count - len(remaining), sidecars, folder), highlight=False)
         if not remaining:
-            done = ("every input already has a record" if not captioned else
-                    "every image already has a caption file" if captioned == len(jobs) else
-                    "every input already has a record or a caption file")
-            stderr.print(f"Nothing to do: {done}.", highlight=False)
+            stderr.print("Nothing to do: every input is done already.", highlight=False)
             return 0
         placed, todo = _refused_up_front(remaining, sidecars)
         run = open_run(settings, verbose) if todo else None
@@ -118,32 +116,38 @@ def execute(settings: Settings, jobs: Sequence[Job], records_for: RecordsFor, ou
         return write_records(_InPlace(placed, made), sink, len(remaining), display,
                              finish=sidecars.finish if sidecars is not None else None)
     finally:
-        if lock is not None:
-            lock.release()
-
-
-def _resume_keys(folder: ImageFolder | None) -> tuple[Callable[[JsonRecord], str | None], Callable[[Job], str]]:
-    """What --resume matches a finished line of the output to a job by: a record's key (`records.resume_key`), or
-    an imagefolder line's (its file name, and its prompt where the run asks several)."""
-    if folder is None:
-        return resume_key, lambda job: job.key()
-    return folder.row_key, folder.job_key
+        try:
+            if folder is not None:
+                folder.keep_last_lines()  # --overwrite's new lines replace the old ones
+        finally:
+            if lock is not None:
+                lock.release()
 
 
 def _shape(folder: ImageFolder | None) -> dict[str, Any]:
     return {} if folder is None else {"shape": lambda record: folder.row(record.to_json())}
 
 
-def _without_caption_files(jobs: Sequence[Job], sidecars: Sidecars) -> tuple[list[Job], int]:
-    """--sidecar: the jobs whose image has no caption file yet (all of them with --overwrite), and how many do."""
-    todo = [job for job in jobs if not sidecars.has_caption(job.subject)]
-    return todo, len(jobs) - len(todo)
+def _training_outputs_done(sidecars: Sidecars | None, folder: ImageFolder | None) -> Callable[[Job], bool]:
+    """Whether an input is done for the training-set outputs, so that a rerun is the resume: with --sidecar, its
+    image has a caption file (which is never written over without --overwrite: it may have been edited by hand),
+    else with --format imagefolder, it has its line in metadata.jsonl; with --overwrite, or without such outputs,
+    none is."""
+    if sidecars is not None:
+        return lambda job: sidecars.has_caption(job.subject)
+    if folder is not None:
+        lines = folder.finished_keys()
+        return lambda job: folder.job_key(job) in lines
+    return lambda job: False
 
 
-def _already_captioned(count: int) -> str:
+def _skipped(count: int, sidecars: Sidecars | None, folder: ImageFolder | None) -> str:
+    """What stderr says of the inputs skipped because their training-set outputs are there."""
+    has = "a caption file (STEM.txt)" if sidecars is not None else f"a line in {folder.metadata if folder else ''}"
     many = count != 1
-    return (f"{count} image{'s' if many else ''} already {'have' if many else 'has'} a caption file (STEM.txt), "
-            f"skipped; --overwrite redoes {'them' if many else 'it'}.")
+    noun = "input" if sidecars is None and folder is not None and folder.with_prompt else "image"
+    return (f"{count} {noun}{'s' if many else ''} already {'have' if many else 'has'} {has}, skipped; "
+            f"--overwrite redoes {'them' if many else 'it'}.")
 
 
 def _refused_up_front(jobs: Sequence[Job], sidecars: Sidecars | None) -> tuple[dict[int, Record], list[Job]]:
@@ -201,17 +205,18 @@ def _execute_shard(settings: Settings, jobs: Sequence[Job], records_for: Records
     if group.is_main:
         locks.append(OutputLock(output))
     try:
-        key_of_line, key_of_job = _resume_keys(folder)
-        key_of_record = resume_key if folder is None else folder.record_key
-        finished = read_finished_keys(output, key_of_line)
+        if folder is None:  # a jsonl output: what it holds is done
+            key_of_job, key_of_record = (lambda job: job.key()), resume_key
+            finished = read_finished_keys(output, resume_key)
+        else:  # an imagefolder: what has its line is done (_training_outputs_done)
+            key_of_job, key_of_record, finished = folder.job_key, folder.record_key, set()
         for path in existing_shards(output):
             finished.update(key for key in map(key_of_record, read_shard_records(path)) if key is not None)
         mine = [(index, job) for index, job in my_share(jobs, group) if key_of_job(job) not in finished]
-        captioned = 0
-        if sidecars is not None:
-            kept = [(index, job) for index, job in mine if not sidecars.has_caption(job.subject)]
-            captioned, mine = len(mine) - len(kept), kept
-        already = f" ({captioned} more already have a caption file; --overwrite redoes them)" if captioned else ""
+        done = _training_outputs_done(sidecars, folder)
+        kept = [(index, job) for index, job in mine if not done(job)]
+        skipped, mine = len(mine) - len(kept), kept
+        already = f" ({_skipped(skipped, sidecars, folder).rstrip('.')})" if skipped else ""
         stderr.print(f"llava: process {group.rank} of {group.world_size} takes {len(mine)} inputs{already}.",
                      highlight=False)
         failed = 0
@@ -226,6 +231,8 @@ def _execute_shard(settings: Settings, jobs: Sequence[Job], records_for: Records
         group.wait_for_everyone()
         if group.is_main:
             merged = folder.merge_shards() if folder is not None else merge_shards(output)
+            if folder is not None:
+                folder.keep_last_lines()
             failed = sum(1 for record in merged if "error" in record)
             stderr.print(f"llava: merged {len(merged)} records from {group.world_size} processes into {output}.",
                          highlight=False)

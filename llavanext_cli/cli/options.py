@@ -85,7 +85,8 @@ SidecarOpt = Annotated[bool, typer.Option(
     "already have one are skipped before any work, so a rerun resumes. Local images only; one answer per image.",
     rich_help_panel=_DATA)]
 OverwriteOpt = Annotated[bool, typer.Option(
-    "--overwrite", help="With --sidecar: caption again the images that already have a STEM.txt, and replace it.",
+    "--overwrite", help="Do again the images that are done: with --sidecar, those that have a STEM.txt (replaced); "
+    "with --format imagefolder, those that have a line in metadata.jsonl (the line replaced).",
     rich_help_panel=_DATA)]
 PrefixOpt = Annotated[Optional[str], typer.Option(
     "--prefix", help="Text put before each answer in STEM.txt (--sidecar) and in the text column (--format "
