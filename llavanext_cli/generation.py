@@ -119,17 +119,21 @@ def generate_from_inputs(checkpoint: Checkpoint, inputs: Any, options: Generatio
     extra = {"stopping_criteria": _stop_when_set(cancelled)} if cancelled is not None else {}
     if past_key_values is not None:
         extra["past_key_values"] = past_key_values
+    stop_ids = _stop_token_ids(checkpoint)
     matchers = constraint.logits_processor(rows) if constraint is not None else None
     if matchers is not None:
         from transformers import LogitsProcessorList
 
         extra["logits_processor"] = LogitsProcessorList([matchers])
+        # The grammar ends on the config's and the tokenizer's end-of-sequence ids (known before the weights load);
+        # generate must end there too, or a row would go on unconstrained after its JSON.
+        stop_ids = stop_ids | set(constraint.stop_ids)
+        extra["eos_token_id"] = sorted(stop_ids)
     with torch.inference_mode():
         output = checkpoint.model.generate(**inputs, pad_token_id=tokenizer.pad_token_id, streamer=streamer,
                                            **extra, **options.generate_kwargs())
     seconds = (time.perf_counter() - start) / max(rows, 1) + extra_seconds
     prompt_length = inputs["input_ids"].shape[1]
-    stop_ids = _stop_token_ids(checkpoint)
     counts, texts = [], []
     for row in output:
         new = row[prompt_length:]

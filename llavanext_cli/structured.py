@@ -17,6 +17,7 @@ a JSON Schema, with llguidance (a grammar engine that compiles JSON Schema again
 from __future__ import annotations
 
 import json
+import os
 import re
 import threading
 from collections.abc import Sequence
@@ -124,6 +125,8 @@ def read_schema_text(text: str) -> tuple[Any, str]:
     """The schema `--schema` names, and where it came from: inline JSON (starts with `{`), a file, or the concise
     form."""
     stripped = text.strip()
+    if not stripped:
+        raise UsageError("--schema is empty", hint="a JSON Schema file, inline JSON, or fields: 'count int, ok bool'")
     if stripped.startswith("{"):
         return _json(stripped, "--schema"), "inline JSON"
     path = Path(text).expanduser()
@@ -133,9 +136,19 @@ def read_schema_text(text: str) -> tuple[Any, str]:
         except (OSError, UnicodeDecodeError) as exc:
             raise UsageError(f"--schema: cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
         return _json(content, f"--schema {path}"), str(path)
-    if stripped.endswith(".json") or "/" in stripped or path.is_dir():
+    if path.is_dir():
+        raise UsageError(f"--schema: {text} is a directory, not a JSON Schema file")
+    if _looks_like_a_path(stripped):
         raise UsageError(f"--schema: no such file: {text}")
     return parse_concise(text), "concise form"
+
+
+def _looks_like_a_path(text: str) -> bool:
+    """A file name the user meant (and mistyped), not the concise form: a .json name, or a path with a separator
+    and none of the concise form's commas, colons or spaces ('kind: indoor/outdoor' is the concise form)."""
+    if text.lower().endswith(".json"):
+        return True
+    return any(separator in text for separator in {"/", os.sep}) and not any(c in text for c in ",: \t")
 
 
 def _json(text: str, where: str) -> Any:
@@ -192,6 +205,11 @@ def closed_objects(schema: Any) -> Any:
     combined = any(key in schema for key in ("allOf", "anyOf", "oneOf", "$ref"))
     if "properties" in schema and "additionalProperties" not in schema and not combined:
         closed["additionalProperties"] = False
+        # a required property the schema does not describe may hold any value: it stays allowed
+        unlisted = [name for name in schema.get("required", []) if isinstance(name, str)
+                    and isinstance(closed.get("properties"), dict) and name not in closed["properties"]]
+        if unlisted:
+            closed["properties"] = {**closed["properties"], **{name: {} for name in unlisted}}
     return closed
 
 

@@ -122,6 +122,40 @@ def test_parse_concise():
             parse_concise(bad)
 
 
+def test_a_slash_in_a_concise_description_is_not_a_file_name():
+    from llavanext_cli.structured import read_schema_text
+
+    schema, source = read_schema_text("place: indoor|outdoor, note str: a yes/no answer")
+    assert source == "concise form" and schema["properties"]["note"]["description"] == "a yes/no answer"
+
+
+def test_closing_objects_keeps_a_required_property_the_schema_does_not_describe(tiny_next):
+    import jsonschema
+
+    from llavanext_cli.structured import closed_objects
+
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a", "b"]}
+    closed = closed_objects(schema)
+    assert closed["additionalProperties"] is False and closed["properties"]["b"] == {}
+    jsonschema.validate({"a": 1, "b": [True]}, closed)  # what the schema as given allows, the decoder allows
+    # compiled and decoded, not refused as unsatisfiable (the tiny model wanders in b's any-value: cut short)
+    result = run_cli("caption", IMAGES[0], "-m", tiny_next, "--schema", json.dumps(schema), "--max-new-tokens", "4")
+    assert result.exit_code == 1 and "answer cut at 4 tokens" in result.stderr, result.stderr
+
+
+def test_generation_ends_where_the_grammar_ends(tiny_next, tmp_path):
+    """A checkpoint whose generation config names another end-of-sequence id than its tokenizer (the grammar ends
+    on the tokenizer's): generate stops there too, instead of going on unconstrained after the JSON."""
+    other = tmp_path / "other-eos"
+    shutil.copytree(tiny_next, other)
+    generation = json.loads((other / "generation_config.json").read_text())
+    (other / "generation_config.json").write_text(json.dumps({**generation, "eos_token_id": 5}))
+    result, records = run("caption", *IMAGES[:2], "-m", other, "--schema", "count int 0..9, ok bool",
+                          "--max-new-tokens", "40", "--format", "jsonl")
+    assert result.exit_code == 0, result.stderr
+    assert all(json.loads(r["text"]) == r["data"] for r in records)
+
+
 def test_resume(tiny_next, schema_file, greedy, tmp_path):
     out = tmp_path / "answers.jsonl"
     done = [r for r in greedy[1] if "error" not in r][:2]
@@ -183,6 +217,9 @@ def test_an_answer_cut_short_is_an_error_record_never_bad_data(tiny_next, schema
     ('{"$ref": "https://example.com/schema.json"}', "only references within the schema"),
     ("count int, count str", "given twice"),
     ("missing/schema.json", "no such file"),
+    ("schemas/count", "no such file"),
+    (" ", "--schema is empty"),
+    (str(EXAMPLES), "is a directory"),
 ])
 def test_a_schema_that_cannot_be_enforced_exits_2_before_anything_loads(tmp_path, schema, message):
     result = run_cli("caption", IMAGES[0], "-m", tmp_path / "no-model", "--schema", schema)

@@ -38,6 +38,19 @@ def test_single_answer_streams_and_matches_the_record(tiny_next):
     assert text in screen.replace("\r\n", "\n")
 
 
+def test_a_json_answer_is_shown_whole_or_not_at_all(tiny_next):
+    """--schema: no streaming, so an answer cut short leaves no half JSON on the terminal, only the error."""
+    cut_status, cut = spawn("caption", EXAMPLES / "chelsea.png", "-m", tiny_next, "--schema", "count int 0..9, ok bool",
+                            "--max-new-tokens", "4")
+    assert cut_status == 1 and "answer cut at 4 tokens" in cut and '{"' not in cut
+    status, screen = spawn("caption", EXAMPLES / "chelsea.png", "-m", tiny_next, "--schema", "count int 0..9, ok bool",
+                           "--max-new-tokens", "40")
+    assert status == 0
+    piped = run_llava_process("caption", EXAMPLES / "chelsea.png", "-m", tiny_next, "--schema",
+                              "count int 0..9, ok bool", "--max-new-tokens", "40", "--format", "jsonl")
+    assert json.loads(piped.stdout)["text"] + "\r\n" in screen
+
+
 def test_nothing_on_stderr_in_a_pipe(tiny_next):
     result = run_llava_process("caption", EXAMPLES / "chelsea.png", EXAMPLES / "rocket.jpg", "-m", tiny_next,
                                "--max-new-tokens", "3")

@@ -61,15 +61,17 @@ def answer(settings: Settings, jobs: Sequence[Job], output: Path | None, resume:
         return answer_jobs(run.checkpoint, todo, run.generation, settings.batch_size, fetching, on_text,
                            fast_decode=settings.fast_decode, workers=workers, constraint=constraint)
 
-    return execute(settings, jobs, records_for, output, resume, verbose, data_set=data_set)
+    # A JSON answer is shown once it is whole: one cut short is an error, and its part must not reach stdout.
+    return execute(settings, jobs, records_for, output, resume, verbose, data_set=data_set,
+                   streams=answer_schema is None)
 
 
 def execute(settings: Settings, jobs: Sequence[Job], records_for: RecordsFor, output: Path | None, resume: bool,
             verbose: bool, draw: Callable[[JsonRecord], None] | None = None,
-            data_set: DataSetFlags = DataSetFlags()) -> int:
+            data_set: DataSetFlags = DataSetFlags(), streams: bool = True) -> int:
     """Run `records_for` over the jobs not yet done and write its records. On a terminal, one answer streams as it
-    is generated, or a command draws its own display (`draw`); files and pipes get the records. `data_set`: the
-    training-set outputs (caption files beside the images, an imagefolder's metadata.jsonl)."""
+    is generated (where `streams`), or a command draws its own display (`draw`); files and pipes get the records.
+    `data_set`: the training-set outputs (caption files beside the images, an imagefolder's metadata.jsonl)."""
     from llavanext_cli.sharding import data_parallel_from_env
 
     fmt = format_for(settings.format, output)
@@ -106,7 +108,7 @@ def execute(settings: Settings, jobs: Sequence[Job], records_for: RecordsFor, ou
         run = open_run(settings, verbose) if todo else None
         on_terminal = output is None and fmt == "text" and sys.stdout.isatty()
         display = Display(
-            streamed=(on_terminal and draw is None and len(remaining) == 1 and run is not None
+            streamed=(streams and on_terminal and draw is None and len(remaining) == 1 and run is not None
                       and run.generation.num_beams == 1),
             draw=draw if on_terminal else None,
             progress=len(remaining) > 1 and stderr.is_terminal,
