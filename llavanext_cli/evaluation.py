@@ -39,6 +39,7 @@ class SourceRecord:
 
 
 _JSON_SPACE = re.compile(r"[ \t\n\r]*")
+_RECORD_FILES = "llava score reads the records of --format jsonl or json (e.g. -o run.jsonl), not csv or text"
 
 
 def parse_records(name: str, text: str) -> list[SourceRecord]:
@@ -55,7 +56,8 @@ def parse_records(name: str, text: str) -> list[SourceRecord]:
         try:
             value = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise UsageError(f"{name}:{number}: not valid JSON ({exc.msg}, column {exc.colno})") from None
+            raise UsageError(f"{name}:{number}: not valid JSON ({exc.msg}, column {exc.colno})",
+                             hint=_RECORD_FILES) from None
         if not isinstance(value, dict):
             raise UsageError(f"{name}:{number}: not a JSON object")
         records.append(SourceRecord(value, f"{name}:{number}"))
@@ -84,7 +86,8 @@ def _parse_array(name: str, text: str) -> list[SourceRecord]:
             try:
                 value, end = decoder.raw_decode(text, position)
             except json.JSONDecodeError as exc:
-                raise UsageError(f"{name}:{exc.lineno}: not valid JSON ({exc.msg}, column {exc.colno})") from None
+                raise UsageError(f"{name}:{exc.lineno}: not valid JSON ({exc.msg}, column {exc.colno})",
+                                 hint=_RECORD_FILES) from None
             where = f"{name}:{line_at(position)}"
             if not isinstance(value, dict):
                 raise UsageError(f"{where}: not a JSON object")

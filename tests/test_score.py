@@ -359,6 +359,14 @@ def test_bad_records_are_usage_errors(tmp_path, lines, where, message):
     assert_usage_error(run_cli("score", path, "--format", "json"), f"answers.jsonl{where}", message)
 
 
+def test_a_csv_of_records_is_refused_with_what_score_reads(tmp_path):
+    path = tmp_path / "run.csv"
+    path.write_text("image,label,truth\na.jpg,cat,cat\n")
+    result = run_cli("score", path)
+    assert_usage_error(result, "run.csv:1:", "not valid JSON")
+    assert "reads the records of --format jsonl or json" in result.stderr
+
+
 def test_nothing_to_score(tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n\n")
