@@ -259,7 +259,9 @@ class ImageFolder:
     def keep_last_lines(self) -> None:
         """One line per input: where --overwrite (or a run killed before it could tidy up) left an input with
         several lines, only its last (the newest answer) is kept; the file rewritten whole, atomically, and only
-        when there is something to remove. Lines that name no input are kept as they are."""
+        when there is something to remove. An input is its file name(s) and the prompt its line names, whatever
+        this run asks (the lines of an earlier run of several questions stay apart); lines that name no input are
+        kept as they are."""
         try:
             lines = self.metadata.read_text(encoding="utf-8").splitlines(keepends=True)
         except FileNotFoundError:
@@ -270,12 +272,17 @@ class ImageFolder:
                 row = json.loads(line)
             except ValueError:
                 row = None
-            keys.append(self.row_key(row) if isinstance(row, dict) else None)
+            keys.append(self._line_identity(row) if isinstance(row, dict) else None)
         last = {key: position for position, key in enumerate(keys) if key is not None}
         if len(last) == sum(key is not None for key in keys):
             return
         kept = [line for position, (line, key) in enumerate(zip(lines, keys)) if key is None or last[key] == position]
         write_atomically(self.metadata, "".join(kept))
+
+    @staticmethod
+    def _line_identity(row: Mapping[str, Any]) -> str | None:
+        names = row.get("file_names", row.get("file_name"))
+        return None if names is None else json.dumps([names, row.get("prompt")], ensure_ascii=False)
 
     def job_key(self, job: Any) -> str:
         """The key of a job, as `row_key` gives it for the line the job's success writes."""

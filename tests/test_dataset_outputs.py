@@ -332,6 +332,11 @@ def test_imagefolder_of_several_questions_names_the_prompt_and_together_names_th
     resumed = run_cli(*args, "--format", "imagefolder", "-o", metadata, "--resume")
     assert resumed.exit_code == 0 and "3 inputs already have a line in" in resumed.stderr
     assert [json.loads(line) for line in metadata.read_text(encoding="utf-8").splitlines()] == lines
+    # A later run of one prompt over the same images finds them done, and leaves each question's line alone.
+    later = run_cli("caption", folder / "chelsea.png", folder / "rocket.jpg", "-m", tmp_path / "no-such-checkpoint",
+                    "--format", "imagefolder", "-o", metadata)
+    assert later.exit_code == 0 and "Nothing to do" in later.stderr, later.stderr
+    assert [json.loads(line) for line in metadata.read_text(encoding="utf-8").splitlines()] == lines
 
     pairs = training_folder(tmp_path / "pairs")
     together = ("ask", pairs / "chelsea.png", pairs / "sub dir" / "hörse.png", "--together", "-q", "Compare them.",
