@@ -490,6 +490,24 @@ def group_name(record: dict[str, Any], key: str) -> Optional[str]:
     return None if name == "null" else name
 
 
+def repeated_inputs(records: list[SourceRecord]) -> list[str]:
+    """Where a success record answers the same input (image or images, and prompt) as an earlier one: a file run
+    twice into, which would count those inputs twice. Error records are left out (a resumed run follows its
+    failures with their successes)."""
+    seen: set[str] = set()
+    repeated = []
+    for source in records:
+        record = source.record
+        if "error" in record or ("image" not in record and "images" not in record):
+            continue
+        key = json.dumps([record.get("image"), record.get("images"), record.get("prompt")], ensure_ascii=False,
+                         sort_keys=True)
+        if key in seen:
+            repeated.append(source.where)
+        seen.add(key)
+    return repeated
+
+
 def evaluate(records: list[SourceRecord], by: Optional[str] = None, inputs: str = "input") -> Evaluation:
     """Score a record set. Error records are counted, not scored. Classification and VQA records cannot be
     mixed; a record with no ground truth, or nothing to score at all, is a UsageError (`inputs` names the

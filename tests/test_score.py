@@ -359,6 +359,17 @@ def test_bad_records_are_usage_errors(tmp_path, lines, where, message):
     assert_usage_error(run_cli("score", path, "--format", "json"), f"answers.jsonl{where}", message)
 
 
+def test_a_file_run_into_twice_is_warned_about(tmp_path):
+    once = [{"image": f"{i}.jpg", "label": "a", "truth": "a"} for i in range(3)]
+    resumed = write_jsonl(tmp_path / "resumed.jsonl", [{"image": "0.jpg", "error": "x"}, *once])
+    assert run_cli("score", resumed).stderr == ""  # a failure, then its success after --resume: fine
+    twice = write_jsonl(tmp_path / "twice.jsonl", once + once)
+    result = run_cli("score", twice, "--format", "json")
+    assert result.exit_code == 0 and json.loads(result.stdout)["count"] == 6
+    assert result.stderr.startswith("Warning: 3 records answer an image and prompt answered before (first at ")
+    assert "twice.jsonl:4" in result.stderr
+
+
 def test_a_csv_of_records_is_refused_with_what_score_reads(tmp_path):
     path = tmp_path / "run.csv"
     path.write_text("image,label,truth\na.jpg,cat,cat\n")

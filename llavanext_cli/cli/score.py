@@ -60,17 +60,22 @@ def score(
 
       llava score run.json --format csv > per_label.csv
     """
-    from llavanext_cli.evaluation import STDIN_NAME, evaluate, read_records
+    from llavanext_cli.cli.console import warn
+    from llavanext_cli.evaluation import STDIN_NAME, evaluate, read_records, repeated_inputs
 
     if output_format not in ("text", "json", "csv"):
         raise UsageError(f"--format must be text, json or csv for score, not {output_format!r}")
     if not files:
         raise UsageError("no record files", hint="pass jsonl files written by llava classify / ask, or - for stdin")
     inputs = ", ".join(STDIN_NAME if path == "-" else path for path in files)
-    evaluation = evaluate(read_records(files, sys.stdin), by=by, inputs=inputs)
+    records = read_records(files, sys.stdin)
+    repeated = repeated_inputs(records)
+    if repeated:
+        warn(f"{len(repeated)} record{'s answer' if len(repeated) > 1 else ' answers'} an image and prompt answered "
+             f"before (first at {repeated[0]}), so {'they count' if len(repeated) > 1 else 'it counts'} twice: a "
+             "file written to by two runs? (--resume appends only what is missing)")
+    evaluation = evaluate(records, by=by, inputs=inputs)
     if by is not None and set(evaluation.groups) == {None}:
-        from llavanext_cli.cli.console import warn
-
         warn(f"no record has the key {by!r}: every record is in the group (none)")
     if output_format == "json":
         print(json.dumps(evaluation.as_dict(), indent=2, ensure_ascii=False))
