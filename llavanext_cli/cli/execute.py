@@ -199,9 +199,9 @@ def _execute_shard(settings: Settings, jobs: Sequence[Job], records_for: Records
         shard_shape)
 
     output = folder.metadata if folder is not None else require_jsonl_output(output, fmt)
-    probe = check_output(output, fmt, resume=False)  # writable? (the main process locks it below)
-    if probe is not None:
-        probe.release()
+    # Writable? Checked in every process, locked by the main one only (below): a probe taking the lock, however
+    # briefly, would make another process of the same run refuse the file as another run's.
+    check_output(output, fmt, resume=False, lock=False)
     group = ProcessGroup()
     locks = [OutputLock(shard_path(output, group.rank))]
     if group.is_main:

@@ -33,9 +33,9 @@ def settings_for(flags: dict[str, Any], config: Path | None) -> Settings:
     return settings
 
 
-def check_output(output: Path | None, fmt: str, resume: bool) -> OutputLock | None:
+def check_output(output: Path | None, fmt: str, resume: bool, lock: bool = True) -> OutputLock | None:
     """Fail fast on an output that cannot be written, before any weights load; lock a file that records are
-    appended to, so that a second run on the same file refuses instead of interleaving."""
+    appended to (unless not `lock`), so that a second run on the same file refuses instead of interleaving."""
     if resume and output is None:
         raise UsageError("--resume needs -o FILE (the jsonl file of the interrupted run)")
     if resume and fmt not in APPENDED_FORMATS:
@@ -50,7 +50,7 @@ def check_output(output: Path | None, fmt: str, resume: bool) -> OutputLock | No
     check_writable(output)
     # json / csv are written to a temporary file and renamed: only an appended file (jsonl, an imagefolder's
     # metadata.jsonl) needs the lock.
-    return OutputLock(output) if fmt in APPENDED_FORMATS else None
+    return OutputLock(output) if lock and fmt in APPENDED_FORMATS else None
 
 
 @dataclass
