@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
+import io
 import json
 import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, TextIO
 
 from llavanext_cli.checkpoint import Checkpoint
 from llavanext_cli.errors import InputError, UsageError
 from llavanext_cli.generation import GenerationOptions, generate
 from llavanext_cli.images import ImageFetching
-from llavanext_cli.prompts import single_image_conversation
 from llavanext_cli.inputs import InputWarning
+from llavanext_cli.prompts import single_image_conversation
 from llavanext_cli.records import MADE_KEYS, NO_DATA, Answer, Failure, Record, Subject, answer_key
+from llavanext_cli.textfiles import read_text
 
 
 @dataclass(frozen=True)
@@ -247,10 +248,4 @@ def read_question_jobs(stream: TextIO, name: str) -> list[PromptJob]:
 def open_questions(path: str, stdin: TextIO) -> list[PromptJob]:
     if path == "-":
         return read_question_jobs(stdin, "<stdin>")
-    try:
-        with open(Path(path), encoding="utf-8") as handle:
-            return read_question_jobs(handle, path)
-    except FileNotFoundError:
-        raise UsageError(f"questions file not found: {path}") from None
-    except UnicodeDecodeError:
-        raise UsageError(f"{path}: not UTF-8 text") from None
+    return read_question_jobs(io.StringIO(read_text(path, "questions file")), path)

@@ -26,6 +26,7 @@ from llavanext_cli.images import ImageFetching, image_from_bytes, is_url, load_i
 from llavanext_cli.prefix_cache import (
     ConversationCache, expand_image_tokens, image_token_id, image_token_runs, process_images, tokenize)
 from llavanext_cli.preprocessing import prepare_inputs
+from llavanext_cli.textfiles import read_text
 
 Message = dict[str, Any]
 
@@ -197,11 +198,10 @@ class ChatSession:
     def load(self, path: Path) -> list[str]:
         """Restore a saved conversation; returns warnings (a missing image is dropped, a changed one is used as
         it is now)."""
+        text = read_text(path, "transcript")
         try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise UsageError(f"transcript not found: {path}") from None
-        except (OSError, ValueError) as exc:
+            data = json.loads(text)
+        except ValueError as exc:
             raise UsageError(f"cannot read transcript {path}: {exc}") from None
         messages = data.get("messages") if isinstance(data, dict) else None
         if not isinstance(messages, list) or not all(isinstance(m, dict) and m.get("role") in

@@ -14,10 +14,10 @@ from bisect import bisect_left
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import lru_cache
-from pathlib import Path
 from typing import IO, Any, Optional
 
 from llavanext_cli.errors import UsageError
+from llavanext_cli.textfiles import read_text
 
 STDIN_NAME = "<stdin>"
 CLASSIFICATION = "classification"
@@ -119,18 +119,7 @@ def read_records(paths: Iterable[str], stdin: Optional[IO[str]] = None) -> list[
                 raise UsageError(f"{name}: not UTF-8 text") from None
         else:
             name = path
-            try:
-                data = Path(path).read_bytes()
-            except FileNotFoundError:
-                raise UsageError(f"{path}: no such file") from None
-            except IsADirectoryError:
-                raise UsageError(f"{path}: is a directory, not a record file") from None
-            except OSError as exc:
-                raise UsageError(f"{path}: cannot read it ({exc.strerror or exc})") from None
-            try:
-                text = data.decode("utf-8")
-            except UnicodeDecodeError:
-                raise UsageError(f"{path}: not UTF-8 text") from None
+            text = read_text(path, "record file")
         records.extend(parse_records(name, text))
     return records
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from llavanext_cli.errors import SetupError, UsageError
+from llavanext_cli.textfiles import read_text
 
 # Keywords enforced while decoding (each checked by generating under it and validating every answer), and
 # annotations, which constrain nothing.
@@ -131,11 +132,7 @@ def read_schema_text(text: str) -> tuple[Any, str]:
         return _json(stripped, "--schema"), "inline JSON"
     path = Path(text).expanduser()
     if path.is_file():
-        try:
-            content = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise UsageError(f"--schema: cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
-        return _json(content, f"--schema {path}"), str(path)
+        return _json(read_text(path, "--schema file"), f"--schema {path}"), str(path)
     if path.is_dir():
         raise UsageError(f"--schema: {text} is a directory, not a JSON Schema file")
     if _looks_like_a_path(stripped):

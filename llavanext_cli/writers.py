@@ -98,8 +98,11 @@ class RecordSink:
             elif self.fmt in ("json", "csv"):
                 self._temporary = create_temporary(output)
                 stream = open(self._temporary, "w", encoding="utf-8", newline="")
+            elif self.fmt in APPENDED_FORMATS:
+                end_on_a_whole_line(output)  # a record is never glued to what an interrupted run left
+                stream = open(output, "a", encoding="utf-8", newline="")
             else:
-                stream = open(output, "a" if self.fmt in APPENDED_FORMATS else "w", encoding="utf-8", newline="")
+                stream = open(output, "w", encoding="utf-8", newline="")
         except OSError as exc:
             raise UsageError(f"cannot write -o {output}: {exc.strerror or exc}") from None
         return RecordWriter(stream, self.fmt, many=self.many, with_prompt=self.with_prompt)
@@ -171,17 +174,37 @@ def check_writable(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def end_on_a_whole_line(path: Path) -> None:
+    """Make a file that lines are appended to end on a whole line: a last line cut off by an interruption (not
+    JSON) is dropped; a whole last line without its newline gets one. Called with the output locked."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return
+    if not size:
+        return
+    with open(path, "r+b") as handle:
+        handle.seek(size - 1)
+        if handle.read(1) == b"\n":
+            return
+        handle.seek(0)
+        data = handle.read()
+        start = data.rfind(b"\n") + 1
+        try:
+            json.loads(data[start:])
+        except ValueError:
+            handle.truncate(start)
+        else:
+            handle.write(b"\n")
+
+
 def read_finished_keys(path: Path, key_of: Callable[[JsonRecord], str | None]) -> set[str]:
-    """--resume: the keys of the success records already in a jsonl file. A last line cut off by an interruption
-    is dropped from the file so that appending continues on a clean line."""
+    """--resume: the keys of the success records already in a jsonl file (which is made to end on a whole line,
+    so that appending continues on a clean one)."""
     if not path.exists():
         return set()
+    end_on_a_whole_line(path)
     data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        cut = data.rfind(b"\n") + 1
-        with open(path, "r+b") as handle:
-            handle.truncate(cut)
-        data = data[:cut]
     keys = set()
     for number, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), start=1):
         if not line.strip():

@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 
 from llavanext_cli.errors import SetupError
+from llavanext_cli.textfiles import read_text
 
 
 def yaml_problem(exc: yaml.YAMLError) -> str:
@@ -23,14 +24,7 @@ def yaml_problem(exc: yaml.YAMLError) -> str:
 def read_yaml(path: Path, what: str) -> Any:
     """The parsed content of the YAML file `path` (None for an empty file); `what` names the file's role in
     messages ("config file", "prompt format", "spec")."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise SetupError(f"{what} not found: {path}") from None
-    except UnicodeDecodeError:
-        raise SetupError(f"cannot read {what} {path}: not UTF-8 text") from None
-    except OSError as exc:
-        raise SetupError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    text = read_text(path, what, SetupError)
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -218,3 +218,22 @@ def test_the_machine_saying_no_is_one_line_and_any_other_os_error_is_a_bug(tiny_
     monkeypatch.setattr(writers.RecordSink, "write", bug)
     with pytest.raises(FileNotFoundError, match="lost its own file"):
         run_cli(*args)
+
+
+@pytest.mark.parametrize("args,code,message", [
+    (("ask", "--questions", "{dir}"), 2, "questions file {dir} is a directory"),
+    (("ask", "--questions", "{dir}/none.jsonl"), 2, "questions file not found: {dir}/none.jsonl"),
+    (("classify", str(EXAMPLES / "chelsea.png"), "--labels-file", "{dir}"), 2, "labels file {dir} is a directory"),
+    (("caption", str(EXAMPLES / "chelsea.png"), "--schema", "{dir}/latin1.json"), 2, "not UTF-8 text"),
+    (("score", "{dir}"), 2, "record file {dir} is a directory"),
+    (("caption", str(EXAMPLES / "chelsea.png"), "--config", "{dir}"), 3, "config file {dir} is a directory"),
+])
+def test_a_named_file_that_cannot_be_read_is_one_line(tmp_path, args, code, message):
+    """Every file the user names (questions, labels, schema, records, config) is read by one reader: a directory,
+    a missing file or bytes that are not UTF-8 give one Error line and the contract's exit code, not a traceback."""
+    (tmp_path / "latin1.json").write_bytes('{"description": "café"}'.encode("latin-1"))
+    model = () if args[0] == "score" else ("-m", tmp_path / "no-model")  # score loads no model
+    result = run_llava_process(*[arg.replace("{dir}", str(tmp_path)) for arg in args], *model)
+    assert result.returncode == code, result.stderr
+    assert result.stderr.count("Error:") == 1 and "Traceback" not in result.stderr
+    assert message.replace("{dir}", str(tmp_path)) in result.stderr

@@ -215,3 +215,16 @@ def _run_with_stdin(stdin, checkpoint) -> tuple[int, list[dict]]:
                              "--workers", "1"],
                             stdin=stdin, capture_output=True, text=True, cwd=str(REPO), timeout=600)
     return int(result.stderr.strip().splitlines()[-1]), [json.loads(line) for line in result.stdout.splitlines()]
+
+
+@pytest.mark.parametrize("left", ['{"image": "a.png", "text": "cut sh', '{"image": "a.png", "text": "whole"}'])
+def test_appending_without_resume_starts_on_a_clean_line(tmp_path, tiny_next, left):
+    """A run killed mid-line left part of a record: the next run appending to the file (no --resume) drops that
+    part instead of gluing its first record to it; a whole last line that only lacks its newline is kept."""
+    out = tmp_path / "out.jsonl"
+    out.write_text('{"image": "b.png", "text": "kept"}\n' + left, encoding="utf-8")
+    result = run_llava_process("caption", IMAGE, "-m", tiny_next, "--max-new-tokens", "2", "-o", out)
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    kept = 2 if left.endswith("}") else 1
+    assert len(records) == kept + 1 and records[-1]["image"] == str(IMAGE)

@@ -388,7 +388,7 @@ def test_nothing_to_score(tmp_path):
 
 
 def test_missing_file_and_bad_flags(tmp_path, classified):
-    assert_usage_error(run_cli("score", tmp_path / "missing.jsonl"), "missing.jsonl", "no such file")
+    assert_usage_error(run_cli("score", tmp_path / "missing.jsonl"), "record file not found", "missing.jsonl")
     assert_usage_error(run_cli("score", classified, "--format", "jsonl"), "--format")
     assert_usage_error(run_cli("score"), "no record files")
 

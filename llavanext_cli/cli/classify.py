@@ -82,10 +82,9 @@ def classify(
         raise UsageError("give --labels or --labels-file, not both")
     label_list = None
     if labels_file is not None:
-        try:
-            label_list = parse_labels(lines=labels_file.read_text(encoding="utf-8").splitlines())
-        except FileNotFoundError:
-            raise UsageError(f"labels file not found: {labels_file}") from None
+        from llavanext_cli.textfiles import read_text
+
+        label_list = parse_labels(lines=read_text(labels_file, "labels file").splitlines())
     elif labels is not None or not truth_from_dirs:
         label_list = parse_labels(labels)
     if not images:
