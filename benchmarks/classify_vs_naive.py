@@ -12,13 +12,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from common import REPO, open_quietly, tiny_model
 IMAGES = [REPO / "examples" / name for name in ("chelsea.png", "rocket.jpg", "coffee.png")]
 LABEL_POOL = ["a cat", "a dog", "a rocket", "a cup of coffee", "a page of text", "a motorcycle", "an astronaut",
               "a horse", "a camera", "a bird", "a car", "a tree", "a house", "a boat", "a flower", "a person"]
@@ -47,22 +44,14 @@ def main() -> None:
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as workdir:
-        model = args.model
-        if model is None:
-            model = str(Path(workdir) / "tiny")
-            subprocess.run([sys.executable, "-m", "llavanext_cli", "init-model",
-                            str(REPO / "configs" / "tiny-llava-next.yaml"), model], check=True, capture_output=True)
+        model = tiny_model(workdir, args.model)
         import torch
 
         from llavanext_cli.images import load_image
-        from llavanext_cli.loading import configure_library_logging
         from llavanext_cli.prompts import single_image_conversation
         from llavanext_cli.scoring import score_labels
-        from llavanext_cli.checkpoint import open_checkpoint
-        from llavanext_cli.settings import load_settings
 
-        configure_library_logging(False)
-        checkpoint = open_checkpoint(load_settings({"model": model}, env={}))
+        checkpoint = open_quietly(model)
         labels = LABEL_POOL[:args.labels]
         question = "What is shown in this image? Answer with one of: " + ", ".join(labels) + "."
         prompt = checkpoint.prompt.format.render(single_image_conversation(question))

@@ -21,24 +21,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-HERE = Path(__file__).resolve().parent
-SOURCES = sorted((REPO / "examples").glob("*")) + sorted((REPO / "tests" / "data" / "images").glob("*"))
+from common import HERE, make_images, tiny_model
 PROMPT = "What is shown in this image?"
-
-
-def make_images(folder: Path, count: int) -> None:
-    """`count` images of mixed sizes, aspect ratios and formats, cut and scaled from the repository's images."""
-    from PIL import Image
-
-    shapes = [(640, 480), (480, 640), (1024, 768), (300, 300), (1200, 400), (400, 1200), (800, 800), (2000, 1500),
-              (350, 600), (900, 500), (224, 224), (1600, 900)]
-    for index in range(count):
-        source = Image.open(SOURCES[index % len(SOURCES)]).convert("RGB")
-        width, height = shapes[index % len(shapes)]
-        image = source.resize((width, height))
-        suffix = ".jpg" if index % 2 else ".png"
-        image.save(folder / f"{index:03d}{suffix}", quality=90)
 
 
 def measure(command: list[str]) -> dict:
@@ -65,10 +49,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="llava-bench-") as workdir:
         work = Path(workdir)
-        model = args.model or str(work / "tiny")
-        if not args.model:
-            subprocess.run([sys.executable, "-m", "llavanext_cli", "init-model",
-                            str(REPO / "configs" / "tiny-llava-next.yaml"), model], check=True, capture_output=True)
+        model = tiny_model(work, args.model)
         images = work / "images"
         images.mkdir()
         make_images(images, args.images)

@@ -13,13 +13,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from common import REPO, open_quietly, tiny_model
 SCHEMA = ('{"type": "object", "properties": {"caption": {"type": "string", "minLength": 400, "maxLength": 500}, '
           '"count": {"type": "integer", "minimum": 0, "maximum": 100}}, "required": ["caption", "count"]}')
 
@@ -32,25 +29,17 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="llava-bench-") as workdir:
-        model = args.model or str(Path(workdir) / "tiny")
-        if not args.model:
-            subprocess.run([sys.executable, "-m", "llavanext_cli", "init-model",
-                            str(REPO / "configs" / "tiny-llava-next.yaml"), model], check=True, capture_output=True)
-        measure(model, args)
+        measure(tiny_model(workdir, args.model), args)
 
 
 def measure(model: str, args: argparse.Namespace) -> None:
     from llavanext_cli import structured
-    from llavanext_cli.checkpoint import open_checkpoint
     from llavanext_cli.generation import GenerationOptions, generate_from_inputs
     from llavanext_cli.images import load_image
-    from llavanext_cli.loading import configure_library_logging
     from llavanext_cli.preprocessing import prepare_inputs
     from llavanext_cli.prompts import single_image_conversation
-    from llavanext_cli.settings import load_settings
 
-    configure_library_logging(False)
-    checkpoint = open_checkpoint(load_settings({"model": model}, env={}))
+    checkpoint = open_quietly(model)
     answer_schema = structured.load_schema(SCHEMA)
     start = time.perf_counter()
     constraint = answer_schema.compile(checkpoint)
@@ -78,7 +67,7 @@ def measure(model: str, args: argparse.Namespace) -> None:
             inside.append(time.perf_counter() - begin)
             return result
 
-    structured._PROCESSOR_CLASS = Timed
+    structured._processor_class = lambda: Timed
 
     def run(tokens: int, constrained: bool) -> float:
         """One generate() through the tool's own path, with or without the schema's processor (the random model

@@ -24,10 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-sys.path.insert(0, str(HERE))
-from run import make_images  # noqa: E402
+from common import HERE, make_images, tiny_model
 
 QUESTIONS = ["What is it?", "How many people are there?", "Is it indoors?", "What colour is it?",
              "Describe the scene.", "What time of day is it?", "Is there any text?", "What is in the background?"]
@@ -67,10 +64,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="llava-bench-") as workdir:
         work = Path(workdir)
-        model = args.model or str(work / "tiny")
-        if not args.model:
-            subprocess.run([sys.executable, "-m", "llavanext_cli", "init-model",
-                            str(REPO / "configs" / "tiny-llava-next.yaml"), model], check=True, capture_output=True)
+        model = tiny_model(work, args.model)
         many, one = work / "many", work / "one"
         many.mkdir()
         one.mkdir()

@@ -11,10 +11,9 @@ from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from llavanext_cli.checkpoint import Checkpoint
-from llavanext_cli.errors import InputError, UsageError
+from llavanext_cli.errors import InputError, InputWarning, UsageError
 from llavanext_cli.generation import GenerationOptions, generate
 from llavanext_cli.images import ImageFetching
-from llavanext_cli.inputs import InputWarning
 from llavanext_cli.prompts import single_image_conversation
 from llavanext_cli.records import MADE_KEYS, NO_DATA, Answer, Failure, Record, Subject, answer_key
 from llavanext_cli.textfiles import read_text
@@ -77,17 +76,18 @@ class Unit:
     shared: bool
 
 
-def plan_units(jobs: Sequence[PromptJob], counts: Sequence[int], batch_size: int, tolerance: float,
-               share: bool) -> list[Unit]:
+def plan_units(jobs: Sequence[PromptJob], counts_of: Callable[[list[int]], list[int]], batch_size: int,
+               tolerance: float, share: bool) -> list[Unit]:
     """The units of work, in order of their first job: each subject asked several questions is one unit (its image
-    shared by its prompts); the other jobs are batched by image-token count as usual."""
+    shared by its prompts); the other jobs are batched by image-token count as usual (`counts_of`: the counts of
+    the jobs at these indices, asked for those jobs only)."""
     from llavanext_cli.pipeline import plan_batches
 
     groups = group_by_subject(jobs) if share else [[index] for index in range(len(jobs))]
     several = [Unit(group, shared=True) for group in groups if len(group) > 1]
     singles = [group[0] for group in groups if len(group) == 1]
     batches = [Unit([singles[i] for i in batch], shared=False)
-               for batch in plan_batches([counts[i] for i in singles], batch_size, tolerance)]
+               for batch in plan_batches(counts_of(singles), batch_size, tolerance)]
     return sorted(several + batches, key=lambda unit: min(unit.indices))
 
 
@@ -121,9 +121,10 @@ def answer_jobs(
     on_cpu = checkpoint.device_type == "cpu"
     # On a GPU a little padding costs less than a smaller batch; on a CPU every padded token is paid in full.
     tolerance = 0.0 if on_cpu else 0.1
-    counts = token_counts(processor, [job.subject.images for job in jobs], batch_size)
     # Beam search keeps a cache per beam: prompts share their beginning in greedy and sampled decoding only.
-    units = plan_units(jobs, counts, batch_size, tolerance, share=share_prefixes and options.num_beams == 1)
+    units = plan_units(jobs, lambda indices: token_counts(processor, [jobs[i].subject.images for i in indices],
+                                                          batch_size),
+                       batch_size, tolerance, share=share_prefixes and options.num_beams == 1)
     workers = max(1, min(workers, len(units)))
     cancelled = threading.Event()
     if on_cpu:  # before any worker thread starts: each thread takes torch's thread count when it first runs

@@ -22,11 +22,12 @@ from PIL import Image
 from llavanext_cli.checkpoint import Checkpoint
 from llavanext_cli.errors import InputError, UsageError
 from llavanext_cli.generation import GenerationOptions, generate
-from llavanext_cli.images import ImageFetching, image_from_bytes, is_url, load_image
+from llavanext_cli.images import ImageFetching, image_from_bytes, is_url
 from llavanext_cli.prefix_cache import (
     ConversationCache, expand_image_tokens, image_token_id, image_token_runs, process_images, tokenize)
 from llavanext_cli.preprocessing import prepare_inputs
 from llavanext_cli.textfiles import read_text
+from llavanext_cli.writers import write_atomically
 
 Message = dict[str, Any]
 
@@ -47,7 +48,8 @@ class _Picture:
     image_tokens: int        # how many image tokens stand for it in a prompt
 
 
-def _sha256_of_path(source: str, fetching: ImageFetching) -> tuple[bytes | None, str]:
+def _bytes_and_digest(source: str, fetching: ImageFetching) -> tuple[bytes, str]:
+    """An image's bytes (read once: decoded from them, and hashed) and their SHA-256."""
     if is_url(source):
         data = fetching.fetch(source)
         return data, hashlib.sha256(data).hexdigest()
@@ -79,8 +81,8 @@ class ChatSession:
 
     # -- images ---------------------------------------------------------------------------------------------
     def _picture(self, source: str) -> _Picture:
-        data, digest = _sha256_of_path(source, self.fetching)
-        image = image_from_bytes(data, source) if is_url(source) else load_image(source)
+        data, digest = _bytes_and_digest(source, self.fetching)
+        image = image_from_bytes(data, source)
         tensors, [count] = process_images(self.checkpoint, [image])
         picture = _Picture(image, digest, tensors, count)
         self._pictures[source] = picture
@@ -185,14 +187,9 @@ class ChatSession:
         return {"model": self.checkpoint.model_id, "settings": settings, "messages": messages}
 
     def save(self, path: Path, settings: dict[str, Any]) -> None:
-        path = Path(path)
-        temporary = path.with_name(f".{path.name}.tmp")
         try:
-            temporary.write_text(json.dumps(self.transcript(settings), indent=2, ensure_ascii=False) + "\n",
-                                 encoding="utf-8")
-            temporary.replace(path)
+            write_atomically(Path(path), json.dumps(self.transcript(settings), indent=2, ensure_ascii=False) + "\n")
         except OSError as exc:
-            temporary.unlink(missing_ok=True)
             raise UsageError(f"cannot save to {path}: {exc.strerror or exc}") from None
 
     def load(self, path: Path) -> list[str]:

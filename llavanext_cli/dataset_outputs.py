@@ -23,7 +23,7 @@ from typing import Any
 from llavanext_cli.errors import UsageError
 from llavanext_cli.images import is_url
 from llavanext_cli.records import DATA_KEY, Failure, JsonRecord, Record, Subject
-from llavanext_cli.writers import create_temporary, write_atomically
+from llavanext_cli.writers import create_temporary, read_finished_keys, write_atomically
 
 SIDECAR_EXTENSION = ".txt"
 METADATA_NAME = "metadata.jsonl"
@@ -252,8 +252,6 @@ class ImageFolder:
 
     def finished_keys(self) -> set[str]:
         """The keys of the inputs that have a line already (none with --overwrite: they are all done again)."""
-        from llavanext_cli.writers import read_finished_keys
-
         return set() if self.overwrite else read_finished_keys(self.metadata, self.row_key)
 
     def keep_last_lines(self) -> None:
@@ -306,22 +304,9 @@ class ImageFolder:
         """A data-parallel run's end (the main process, once every process is done): the records of the shards
         beside the metadata file, in input order, appended to it as lines (successes only); the shards removed.
         Returns the records merged (the failures among them decide the exit code)."""
-        from llavanext_cli.sharding import INDEX_KEY, existing_shards, read_shard_records
+        from llavanext_cli.sharding import merge_shards
 
-        shards = existing_shards(self.metadata)
-        records = sorted((record for path in shards for record in read_shard_records(path)),
-                         key=lambda record: record.get(INDEX_KEY, 0))
-        merged = [{key: value for key, value in record.items() if key != INDEX_KEY} for record in records]
-        with open(self.metadata, "a", encoding="utf-8") as handle:
-            for record in merged:
-                row = self._shard_row(record)
-                if row is not None:
-                    handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        for path in shards:
-            path.unlink()
-        return merged
+        return merge_shards(self.metadata, self._shard_row)
 
 
 # --- the flags --------------------------------------------------------------------------------------------------

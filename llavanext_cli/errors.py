@@ -41,3 +41,8 @@ class InputError(LlavaError):
 class Terminated(BaseException):
     """SIGTERM, raised where the process is, so that every `finally` runs (records flushed, temporary files
     removed) before exit 143. Not a KeyboardInterrupt: nothing treats it as Ctrl-C on an answer."""
+
+
+class InputWarning(UserWarning):
+    """Something about the inputs the user should hear of (the CLI shows it on stderr, without where it was
+    raised)."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from bisect import bisect_left
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -106,15 +105,15 @@ def _parse_array(name: str, text: str) -> list[SourceRecord]:
     return records
 
 
-def read_records(paths: Iterable[str], stdin: Optional[IO[str]] = None) -> list[SourceRecord]:
-    """The records of every input in order, as one set; `-` is standard input (`stdin`, else sys.stdin).
+def read_records(paths: Iterable[str], stdin: IO[str]) -> list[SourceRecord]:
+    """The records of every input in order, as one set; `-` is standard input (`stdin`).
     A missing or unreadable file is a UsageError (exit 2): it is a path the user typed."""
     records: list[SourceRecord] = []
     for path in paths:
         if path == "-":
             name = STDIN_NAME
             try:
-                text = (stdin if stdin is not None else sys.stdin).read()
+                text = stdin.read()
             except UnicodeDecodeError:
                 raise UsageError(f"{name}: not UTF-8 text") from None
         else:

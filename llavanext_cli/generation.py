@@ -110,9 +110,7 @@ def generate_from_inputs(checkpoint: Checkpoint, inputs: Any, options: Generatio
     if options.seed is not None:
         torch.manual_seed(options.seed)
     start = time.perf_counter() if start is None else start
-    inputs = {key: value.to(checkpoint.device) for key, value in inputs.items()}
-    if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
-        inputs["pixel_values"] = inputs["pixel_values"].to(checkpoint.model.dtype)
+    inputs = on_model(checkpoint, inputs)
     tokenizer = checkpoint.processor.tokenizer
     rows = inputs["input_ids"].shape[0]
     streamer = _CallbackStreamer(tokenizer, on_text) if on_text is not None and rows == 1 else None
@@ -150,6 +148,14 @@ def generate_from_inputs(checkpoint: Checkpoint, inputs: Any, options: Generatio
                           data=outcome.data if outcome else None, error=outcome.error if outcome else None)
                for text, count, outcome in zip(texts, counts, outcomes)]
     return results, output
+
+
+def on_model(checkpoint: Checkpoint, tensors: dict[str, Any]) -> dict[str, Any]:
+    """Processor tensors moved to the model's device, the image pixels in the model's dtype."""
+    moved = {key: value.to(checkpoint.device) for key, value in tensors.items()}
+    if "pixel_values" in moved and moved["pixel_values"].is_floating_point():
+        moved["pixel_values"] = moved["pixel_values"].to(checkpoint.model.dtype)
+    return moved
 
 
 def _stop_token_ids(checkpoint: Checkpoint) -> set[int]:

@@ -13,14 +13,15 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TextIO
 
-from llavanext_cli.errors import UsageError
+from llavanext_cli.errors import InputWarning, UsageError
 from llavanext_cli.images import IMAGE_EXTENSIONS, is_url
 
 _GLOB_CHARS = set("*?[")
 
 
-class InputWarning(UserWarning):
-    """Something about the inputs the user should hear of (the CLI shows it on stderr)."""
+def no_input_images() -> UsageError:
+    """The error of a command given no image at all (or inputs that expand to none)."""
+    return UsageError("no input images", hint="pass image files, directories, quoted globs, URLs or - for stdin")
 
 
 def _image_paths(directory: Path, recursive: bool) -> list[Path]:
@@ -73,7 +74,7 @@ def expand_inputs(arguments: Iterable[str], recursive: bool = False, stdin: Text
     for argument in arguments:
         expanded.extend(_expand_one(argument, recursive, stdin))
     if not expanded:
-        raise UsageError("no input images", hint="pass image files, directories, quoted globs, URLs or - for stdin")
+        raise no_input_images()
     return expanded
 
 
@@ -145,5 +146,5 @@ def expand_with_truth(arguments: Iterable[str], recursive: bool = False,
             raise UsageError(f"no images in the class folders of {', '.join(roots)}",
                              hint="--truth-from-dirs reads ROOT/CLASS/IMAGE: one subfolder per class, named as the "
                                   "label (hidden ones skipped)")
-        raise UsageError("no input images", hint="pass image files, directories, quoted globs, URLs or - for stdin")
+        raise no_input_images()
     return [(source, parent_folder_name(source)) for source in expanded]

@@ -24,7 +24,7 @@ from typing import Any
 
 from PIL import Image
 
-from llavanext_cli.generation import Generation, GenerationOptions, generate_from_inputs, is_out_of_memory
+from llavanext_cli.generation import Generation, GenerationOptions, generate_from_inputs, is_out_of_memory, on_model
 from llavanext_cli.preprocessing import identity_image_steps
 
 
@@ -85,8 +85,12 @@ def process_images(checkpoint: Any, images: Sequence[Image.Image]) -> tuple[dict
     tags = "\n".join([processor.image_token] * len(images))
     inputs = processor(images=list(images), text=[tags], return_tensors="pt", **skips)
     runs = image_token_runs(inputs["input_ids"][0].tolist(), image_token_id(processor))
-    tensors = {key: value for key, value in inputs.items() if key not in ("input_ids", "attention_mask")}
-    return tensors, [end - start for start, end in runs]
+    return _image_tensors(inputs), [end - start for start, end in runs]
+
+
+def _image_tensors(inputs: Any) -> dict[str, Any]:
+    """The image processor's part of a processor's output (not the text's ids and mask)."""
+    return {key: value for key, value in inputs.items() if key not in ("input_ids", "attention_mask")}
 
 
 # --- several prompts about the same images --------------------------------------------------------------------
@@ -111,16 +115,16 @@ def prepare_shared(checkpoint: Any, prompts: Sequence[str], images: Sequence[Ima
     skips = identity_image_steps(processor.image_processor)
     first = processor(images=list(images), text=[prompts[0]], return_tensors="pt", **skips)
     first_ids = first["input_ids"][0].tolist()
-    counts = [end - start for start, end in image_token_runs(first_ids, image_token)]
+    runs = image_token_runs(first_ids, image_token)
+    counts = [end - start for start, end in runs]
     ids = [expand_image_tokens(tokenize(processor, prompt), image_token, counts) for prompt in prompts]
     if ids[0] != first_ids or any(row is None for row in ids):
         return None
     # At least one id of every prompt is left after the shared part: generation starts from a prompt's last id.
     length = min(common_prefix_length(ids), min(len(row) for row in ids) - 1)
-    if any(end > length for _, end in image_token_runs(first_ids, image_token)):
+    if any(end > length for _, end in runs):
         return None
-    tensors = {key: value for key, value in first.items() if key not in ("input_ids", "attention_mask")}
-    return SharedPrompts(ids, tensors, length)
+    return SharedPrompts(ids, _image_tensors(first), length)
 
 
 def encode_prefix(checkpoint: Any, shared: SharedPrompts) -> Any:
@@ -129,9 +133,7 @@ def encode_prefix(checkpoint: Any, shared: SharedPrompts) -> Any:
 
     model = checkpoint.model
     prefix = torch.tensor([shared.ids[0][:shared.prefix_length]], device=checkpoint.device)
-    tensors = {key: value.to(checkpoint.device) for key, value in shared.image_tensors.items()}
-    if "pixel_values" in tensors and tensors["pixel_values"].is_floating_point():
-        tensors["pixel_values"] = tensors["pixel_values"].to(model.dtype)
+    tensors = on_model(checkpoint, shared.image_tensors)
     with torch.inference_mode():
         output = model(input_ids=prefix, attention_mask=torch.ones_like(prefix), use_cache=True, logits_to_keep=1,
                        **tensors)

@@ -79,9 +79,6 @@ class Answer:
                             "model": self.model, "new_tokens": self.new_tokens, "seconds": self.seconds},
                            self.extra)
 
-    def key(self) -> str:
-        return answer_key(self.subject, self.prompt)
-
 
 @dataclass(frozen=True)
 class Classification:
@@ -101,9 +98,6 @@ class Classification:
         truth = {} if self.truth is None else {"truth": self.truth}
         return _with_extra({**self.subject.to_json(), "label": self.label, **truth, "scores": self.scores,
                             "model": self.model}, self.extra)
-
-    def key(self) -> str:
-        return classification_key(self.subject)
 
 
 @dataclass(frozen=True)
@@ -182,7 +176,7 @@ def csv_rows(records: Sequence[JsonRecord]) -> list[JsonRecord]:
     return [csv_row(record, taken) for record in records]
 
 
-def csv_row(record: JsonRecord, taken: set[str] | frozenset[str] = frozenset(RECORD_KEYS)) -> JsonRecord:
+def csv_row(record: JsonRecord, taken: set[str]) -> JsonRecord:
     """One record as a CSV row (see csv_rows); `taken`: the column names a data property must not take."""
     row: JsonRecord = {}
     for key, value in record.items():

@@ -83,21 +83,24 @@ def read_shard_records(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-def merge_shards(output: Path) -> list[dict[str, Any]]:
-    """Append every shard's records to the output in input order, then remove the shards. The index is the
-    input's position in the whole command's inputs, so shards left by an interrupted run of the same command
-    merge in the same order. Returns the records merged."""
-    merged: list[dict[str, Any]] = []
-    for path in existing_shards(output):
-        merged.extend(read_shard_records(path))
-    merged.sort(key=lambda record: record.get(INDEX_KEY, 0))
+def merge_shards(output: Path, line: Callable[[dict[str, Any]], dict[str, Any] | None] = lambda record: record
+                 ) -> list[dict[str, Any]]:
+    """Append every shard's records to the output in input order, each as the JSON line `line` makes of it (None:
+    no line; an imagefolder writes successes only), then remove the shards. The index is the input's position in
+    the whole command's inputs, so shards left by an interrupted run of the same command merge in the same order.
+    Returns the records merged (without their index)."""
+    shards = existing_shards(output)
+    records = sorted((record for path in shards for record in read_shard_records(path)),
+                     key=lambda record: record.get(INDEX_KEY, 0))
+    merged = [{key: value for key, value in record.items() if key != INDEX_KEY} for record in records]
     with open(output, "a", encoding="utf-8") as handle:
         for record in merged:
-            clean = {key: value for key, value in record.items() if key != INDEX_KEY}
-            handle.write(json.dumps(clean, ensure_ascii=False) + "\n")
+            made = line(record)
+            if made is not None:
+                handle.write(json.dumps(made, ensure_ascii=False) + "\n")
         handle.flush()
         os.fsync(handle.fileno())
-    for path in existing_shards(output):
+    for path in shards:
         path.unlink()
     return merged
 

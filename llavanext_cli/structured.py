@@ -16,10 +16,10 @@ a JSON Schema, with llguidance (a grammar engine that compiles JSON Schema again
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -243,7 +243,7 @@ class AnswerSchema:
         tokenizer = checkpoint.processor.tokenizer
         vocab = checkpoint.config.get_text_config().vocab_size
         stops = _stop_ids(checkpoint)
-        engine = _engine_tokenizer(tokenizer, vocab, stops)
+        engine = _engine_tokenizer(tokenizer, vocab, tuple(stops))
         return Constraint(self, _grammar(json.dumps(closed_objects(self.schema), ensure_ascii=False), engine),
                           engine, stops, self.validator())
 
@@ -265,11 +265,6 @@ def load_schema(text: str) -> AnswerSchema:
 # --- compiling ------------------------------------------------------------------------------------------------
 
 
-_lock = threading.Lock()
-_engine_tokenizers: dict[tuple, Any] = {}
-_grammars: dict[tuple, str] = {}
-
-
 def _stop_ids(checkpoint: Any) -> list[int]:
     tokenizer = checkpoint.processor.tokenizer
     eos = getattr(checkpoint.config.get_text_config(), "eos_token_id", None)
@@ -279,34 +274,26 @@ def _stop_ids(checkpoint: Any) -> list[int]:
     return sorted(ids)
 
 
-def _engine_tokenizer(tokenizer: Any, vocab: int, stops: Sequence[int]) -> Any:
+@functools.lru_cache(maxsize=8)
+def _engine_tokenizer(tokenizer: Any, vocab: int, stops: tuple[int, ...]) -> Any:
     """llguidance's view of the tokenizer (about half a second to build: once per tokenizer). `vocab` is the width
     of the model's logits, which the tokenizer's vocabulary may not fill: ids past it are never allowed."""
     try:
         import llguidance.hf
     except ImportError as exc:
         raise SetupError(f"--schema needs the llguidance package ({exc})", hint="pip install llguidance") from None
-
-    key = (id(tokenizer), vocab, tuple(stops))
-    with _lock:
-        if key not in _engine_tokenizers:
-            try:
-                _engine_tokenizers[key] = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab,
-                                                                       eos_token=list(stops))
-            except ValueError as exc:  # "Only fast tokenizers are supported"
-                raise SetupError(f"--schema cannot use this checkpoint's tokenizer: {exc}",
-                                 hint="it needs a fast (tokenizers-backed) tokenizer, a tokenizer.json") from None
-        return _engine_tokenizers[key]
+    try:
+        return llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab, eos_token=list(stops))
+    except ValueError as exc:  # "Only fast tokenizers are supported"
+        raise SetupError(f"--schema cannot use this checkpoint's tokenizer: {exc}",
+                         hint="it needs a fast (tokenizers-backed) tokenizer, a tokenizer.json") from None
 
 
+@functools.lru_cache(maxsize=64)
 def _grammar(schema_text: str, engine: Any) -> str:
     """The compiled grammar, once per schema text (its property order matters: answers follow it) and tokenizer."""
     from llguidance import LLMatcher
 
-    key = (schema_text, id(engine))
-    with _lock:
-        if key in _grammars:
-            return _grammars[key]
     try:
         grammar = LLMatcher.grammar_from_json_schema(schema_text, overrides=_JSON_OPTIONS)
     except ValueError as exc:
@@ -314,8 +301,6 @@ def _grammar(schema_text: str, engine: Any) -> str:
     failed, messages = LLMatcher.validate_grammar_with_warnings(grammar, engine)
     if failed:  # "Unimplemented keys", "Unsatisfiable schema", ...
         raise UsageError(f"--schema cannot be enforced: {messages[0].splitlines()[0]}")
-    with _lock:
-        _grammars[key] = grammar
     return grammar
 
 
@@ -368,18 +353,9 @@ class Constraint:
         return results
 
 
-_PROCESSOR_CLASS: type | None = None
-
-
+@functools.cache
 def _processor_class() -> type:
     """The logits processor class, made once (transformers and numpy are imported on the --schema path only)."""
-    global _PROCESSOR_CLASS
-    if _PROCESSOR_CLASS is None:
-        _PROCESSOR_CLASS = _make_processor_class()
-    return _PROCESSOR_CLASS
-
-
-def _make_processor_class() -> type:
     import numpy as np
     import torch
     from llguidance import LLMatcher

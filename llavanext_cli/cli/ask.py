@@ -81,7 +81,9 @@ def ask(
     if questions is None and any(not text.strip() for text in question):
         raise UsageError("empty question in -q", hint="each -q takes a question: -q \"What is it?\"")
     if questions is None and not images:
-        raise UsageError("no input images", hint="pass image files, directories, quoted globs, URLs or - for stdin")
+        from llavanext_cli.inputs import no_input_images
+
+        raise no_input_images()
     settings = settings_for(flags, config)
     if questions is not None:
         jobs = open_questions(questions, sys.stdin)

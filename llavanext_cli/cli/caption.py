@@ -5,7 +5,6 @@ from __future__ import annotations
 import sys
 
 from llavanext_cli.cli import options as opt
-from llavanext_cli.errors import UsageError
 
 
 def caption(
@@ -66,7 +65,9 @@ def caption(
     from llavanext_cli.records import Subject
 
     if not images:
-        raise UsageError("no input images", hint="pass image files, directories, quoted globs, URLs or - for stdin")
+        from llavanext_cli.inputs import no_input_images
+
+        raise no_input_images()
     settings = settings_for(flags, config)
     text = prompt if prompt is not None else settings.caption_prompt
     jobs = [PromptJob(Subject.of(image), text) for image in expand_inputs(images, recursive=recursive, stdin=sys.stdin)]

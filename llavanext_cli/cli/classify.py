@@ -68,7 +68,6 @@ def classify(
 
       llava classify photos/ --labels "indoor,outdoor" --format imagefolder -o photos/metadata.jsonl
     """
-    # --truth-from-dirs is this command's own, not a setting (options.COMMAND_PARAMETERS does not list it).
     flags = opt.model_flags(locals())
     from llavanext_cli.cli.execute import execute
     from llavanext_cli.cli.run import settings_for
@@ -88,7 +87,9 @@ def classify(
     elif labels is not None or not truth_from_dirs:
         label_list = parse_labels(labels)
     if not images:
-        raise UsageError("no input images", hint="pass image files, directories, quoted globs, URLs or - for stdin")
+        from llavanext_cli.inputs import no_input_images
+
+        raise no_input_images()
     settings = settings_for(flags, config)
     if truth_from_dirs:
         jobs = [LabelJob(Subject.of(source), truth)

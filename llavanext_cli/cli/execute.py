@@ -145,7 +145,7 @@ def _training_outputs_done(sidecars: Sidecars | None, folder: ImageFolder | None
 
 def _skipped(count: int, sidecars: Sidecars | None, folder: ImageFolder | None) -> str:
     """What stderr says of the inputs skipped because their training-set outputs are there."""
-    has = "a caption file (STEM.txt)" if sidecars is not None else f"a line in {folder.metadata if folder else ''}"
+    has = "a caption file (STEM.txt)" if sidecars is not None or folder is None else f"a line in {folder.metadata}"
     many = count != 1
     noun = "input" if sidecars is None and folder is not None and folder.with_prompt else "image"
     return (f"{count} {noun}{'s' if many else ''} already {'have' if many else 'has'} {has}, skipped; "

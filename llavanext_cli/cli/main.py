@@ -60,7 +60,7 @@ def _root(
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """Every warning on stderr, as one `Warning:` line (with LLAVA_DEBUG, where it was raised too)."""
-    from llavanext_cli.inputs import InputWarning
+    from llavanext_cli.errors import InputWarning
 
     text = " ".join(str(message).split())
     if not issubclass(category, InputWarning) and os.environ.get("LLAVA_DEBUG", "") not in ("", "0"):

@@ -105,8 +105,8 @@ _RENAMED_SETTINGS = {"output_format": "format"}
 # and these are the commands' own (not settings):
 COMMAND_PARAMETERS = frozenset({
     "images", "prompt", "recursive", "output", "resume", "config", "verbose", "question", "together", "questions",
-    "labels", "labels_file", "top_k", "truth_from_dirs", "system", "model_arg", "image_size", "gpu_memory", "schema",
-    "sidecar", "overwrite", "prefix", "suffix",
+    "labels", "labels_file", "top_k", "truth_from_dirs", "system", "schema", "sidecar", "overwrite", "prefix",
+    "suffix",
 })
 
 

@@ -55,7 +55,6 @@ def check_output(output: Path | None, fmt: str, resume: bool, lock: bool = True)
 
 @dataclass
 class Run:
-    settings: Settings
     checkpoint: Any
     generation: GenerationOptions
 
@@ -71,4 +70,4 @@ def open_run(settings: Settings, verbose: bool) -> Run:
     checkpoint = open_checkpoint(settings, on_loaded=collector.model_loaded)
     if checkpoint.prompt.warning:
         warn(checkpoint.prompt.warning)
-    return Run(settings, checkpoint, GenerationOptions.from_settings(settings))
+    return Run(checkpoint, GenerationOptions.from_settings(settings))
