@@ -12,6 +12,7 @@ from typing import Any
 
 from PIL import Image
 
+from llavanext_cli.cache_api import with_cache
 from llavanext_cli.checkpoint import Checkpoint
 from llavanext_cli.preprocessing import prepare_inputs
 
@@ -116,7 +117,7 @@ def generate_from_inputs(checkpoint: Checkpoint, inputs: Any, options: Generatio
     streamer = _CallbackStreamer(tokenizer, on_text) if on_text is not None and rows == 1 else None
     extra = {"stopping_criteria": _stop_when_set(cancelled)} if cancelled is not None else {}
     if past_key_values is not None:
-        extra["past_key_values"] = past_key_values
+        extra.update(with_cache(checkpoint.model, past_key_values))
     stop_ids = _stop_token_ids(checkpoint)
     matchers = constraint.logits_processor(rows) if constraint is not None else None
     if matchers is not None:

@@ -3,7 +3,7 @@
 Several questions about one image render to prompts that share everything up to where the questions differ,
 the image's ~2,000 tokens included; the turns of a conversation render to prompts that each extend the last. Here
 the shared part is decoded, preprocessed and run through the model once, and each prompt continues from a copy
-of its key/value cache (transformers' prompt reuse: `generate(..., past_key_values=cache)`): the image is encoded
+of its key/value cache (transformers' prompt reuse: `generate(..., cache=cache)`): the image is encoded
 once for all its questions, and a chat turn runs only its new tokens (and its new images) through the model.
 
 Token ids are built without running the image processor for every prompt: the processor turns each image tag
@@ -24,6 +24,7 @@ from typing import Any
 
 from PIL import Image
 
+from llavanext_cli.cache_api import cache_of
 from llavanext_cli.generation import Generation, GenerationOptions, generate_from_inputs, is_out_of_memory, on_model
 from llavanext_cli.preprocessing import identity_image_steps
 
@@ -137,7 +138,7 @@ def encode_prefix(checkpoint: Any, shared: SharedPrompts) -> Any:
     with torch.inference_mode():
         output = model(input_ids=prefix, attention_mask=torch.ones_like(prefix), use_cache=True, logits_to_keep=1,
                        **tensors)
-    return output.past_key_values
+    return cache_of(output)
 
 
 def generate_shared(checkpoint: Any, shared: SharedPrompts, options: GenerationOptions, rows_per_pass: int = 1,

@@ -15,6 +15,7 @@ from typing import Any
 
 from PIL import Image
 
+from llavanext_cli.cache_api import cache_of, with_cache
 from llavanext_cli.checkpoint import Checkpoint
 from llavanext_cli.errors import InputError, UsageError
 from llavanext_cli.images import ImageFetching
@@ -42,7 +43,17 @@ def parse_labels(text: str | None = None, lines: Sequence[str] | None = None) ->
         if label in seen:
             raise UsageError(f"duplicate label {label!r}")
         seen.add(label)
+    check_label_count(labels)
     return labels
+
+
+def check_label_count(labels: Sequence[str]) -> None:
+    """Fewer than two labels is a usage error: the probabilities are a softmax over the labels, so one label's is
+    always 1 and tells nothing."""
+    if len(labels) < 2:
+        raise UsageError(f"classify needs at least two labels, and got one ({labels[0]!r}): its probability would "
+                         "always be 1", hint='give the alternatives too: --labels "cat,dog" (with --truth-from-dirs, '
+                                             "at least two class folders)")
 
 
 def classification_prompt(template: str, labels: Sequence[str]) -> str:
@@ -75,10 +86,15 @@ class LabelJob:
         """What the job's record carries beyond the model's answer: its truth."""
         return {} if self.truth is None else {"truth": self.truth}
 
+    def failure(self, message: str) -> Failure:
+        return Failure(self.subject, message, self.carried())
+
 
 def labels_from_truths(truths: Sequence[str]) -> list[str]:
-    """--truth-from-dirs without --labels: the sorted distinct folder names."""
-    return sorted(set(truths))
+    """--truth-from-dirs without --labels: the sorted distinct folder names (two at least)."""
+    labels = sorted(set(truths))
+    check_label_count(labels)
+    return labels
 
 
 def truths_outside(truths: Sequence[str], labels: Sequence[str]) -> list[str]:
@@ -137,7 +153,7 @@ def score_labels(
     with torch.inference_mode():
         out = model(**inputs, position_ids=positions, use_cache=True, logits_to_keep=1)
     first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (images, vocab)
-    prompt_cache = out.past_key_values
+    prompt_cache = cache_of(out)
     prompt_lengths = mask.sum(-1)
 
     count = len(images)
@@ -191,8 +207,8 @@ def _continuation_log_probs(model: Any, prompt_cache: Any, prompt_mask: Any, pro
                           dim=-1)
     positions = prompt_lengths.repeat_interleave(labels)[:, None] + torch.arange(width, device=device)[None, :]
     with torch.inference_mode():
-        logits = model(input_ids=ids, attention_mask=attention, position_ids=positions, past_key_values=cache,
-                       use_cache=True).logits
+        logits = model(input_ids=ids, attention_mask=attention, position_ids=positions,
+                       use_cache=True, **with_cache(model, cache)).logits
     log_probs = torch.log_softmax(logits.float(), dim=-1)
     picked = log_probs.gather(-1, targets.repeat(count, 1).to(device)[..., None])[..., 0]
     picked = picked.masked_fill(~valid.repeat(count, 1).to(device), 0.0)
@@ -220,7 +236,7 @@ def classify_inputs(
                 ready.append((len(records), job, fetching.load(job.subject.images[0])))
                 records.append(None)
             except InputError as exc:
-                records.append(Failure(job.subject, exc.message, job.carried()))
+                records.append(job.failure(exc.message))
         if ready:
             results = score_labels(checkpoint, [image for _, _, image in ready], question, labels, normalize)
             for (index, job, _), result in zip(ready, results):

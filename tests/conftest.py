@@ -30,6 +30,26 @@ os.environ["CUDA_VISIBLE_DEVICES"] = ""
 # The workers a run uses unless told otherwise, whatever the host's cores (auto is 2 on a CPU of 2 or more).
 TEST_WORKERS = "2"
 
+# The suite hears of deprecations before users do: a DeprecationWarning or FutureWarning raised while a test runs
+# fails it, in this process (pytest's filterwarnings, added in pytest_configure) and in the CLI processes the tests
+# start (PYTHONWARNINGS). Users never see them (the CLI shows library warnings only with -v). Noise a library makes
+# on its own, whatever the tool calls, is listed here with why, as (message prefix, category):
+STRICT_WARNINGS = ["error::DeprecationWarning", "error::PendingDeprecationWarning", "error::FutureWarning"]
+FOREIGN_DEPRECATIONS: list[tuple[str, str]] = []
+
+
+def _warning_filters(escape_regex: bool) -> list[str]:
+    import re
+
+    ignored = [f"ignore:{re.escape(message) if escape_regex else message}:{category}"
+               for message, category in FOREIGN_DEPRECATIONS]
+    return STRICT_WARNINGS + ignored
+
+
+def pytest_configure(config):
+    for line in _warning_filters(escape_regex=True):
+        config.addinivalue_line("filterwarnings", line)
+
 
 def gpu_environment() -> dict[str, str]:
     """The environment for a process that may use the host's GPUs (the `gpu` tests), with the default workers
@@ -64,13 +84,16 @@ class CliResult:
     stderr: str
 
 
-def run_cli(*args: str, stdin: str = "") -> CliResult:
-    """Run `llava ARGS...` in this process through the real entry point (error mapping included)."""
+def run_cli(*args: str, stdin: str = "", env: dict[str, str] | None = None) -> CliResult:
+    """Run `llava ARGS...` in this process through the real entry point (error mapping included); `env` is set for
+    the run only."""
     from llavanext_cli.cli.main import main
 
     out, err = io.StringIO(), io.StringIO()
     old_stdin = sys.stdin
     sys.stdin = io.StringIO(stdin)
+    saved = {name: os.environ.get(name) for name in (env or {})}
+    os.environ.update(env or {})
     code = 0
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -80,6 +103,11 @@ def run_cli(*args: str, stdin: str = "") -> CliResult:
                 code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     finally:
         sys.stdin = old_stdin
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
     return CliResult(code, out.getvalue(), err.getvalue())
 
 
@@ -119,7 +147,8 @@ def folder_of_examples(folder: Path, count: int) -> Path:
 
 @pytest.fixture(autouse=True)
 def isolated_environment(tmp_path_factory, monkeypatch):
-    """No user config, no LLAVA_* from the developer's shell, and never the network."""
+    """No user config, no LLAVA_* from the developer's shell, never the network; and in every process a test starts,
+    deprecations are errors (PYTHONWARNINGS), as they are in this one."""
     for name in list(os.environ):
         if name.startswith("LLAVA_"):
             monkeypatch.delenv(name)
@@ -127,6 +156,7 @@ def isolated_environment(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("LLAVA_HOME", str(home))
     monkeypatch.setenv("LLAVA_WORKERS", TEST_WORKERS)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("PYTHONWARNINGS", ",".join(_warning_filters(escape_regex=False)))
     monkeypatch.setenv("HF_HOME", str(tmp_path_factory.getbasetemp() / "hf-home"))
     yield home
 

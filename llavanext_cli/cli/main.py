@@ -18,8 +18,11 @@ except ImportError:  # pragma: no cover
 
 from llavanext_cli import __version__
 from llavanext_cli.cli import ask, caption, chat, classify, collector, init_model, inspect_config, score
+from llavanext_cli.cli import options as opt
+from llavanext_cli.cli import console
 from llavanext_cli.cli.console import print_error, warn
-from llavanext_cli.errors import EXIT_INTERRUPTED, EXIT_SETUP, EXIT_TERMINATED, EXIT_USAGE, LlavaError, Terminated
+from llavanext_cli.errors import (
+    EXIT_INTERRUPTED, EXIT_SETUP, EXIT_TERMINATED, EXIT_USAGE, LlavaError, Terminated, how_to_go_on)
 
 app = typer.Typer(
     name="llava",
@@ -59,11 +62,16 @@ def _root(
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """Every warning on stderr, as one `Warning:` line (with LLAVA_DEBUG, where it was raised too)."""
+    """The tool's own warnings (InputWarning: inputs, labels, questions files) on stderr as one `Warning:` line each;
+    a warning raised inside a library (a deprecation, a future change, an advisory) only with -v or LLAVA_DEBUG=1,
+    where it was raised too: it is not the user's business, and the suite turns deprecations into failures."""
     from llavanext_cli.errors import InputWarning
 
+    own = issubclass(category, InputWarning)
+    if not own and not console.library_noise_shown():
+        return
     text = " ".join(str(message).split())
-    if not issubclass(category, InputWarning) and os.environ.get("LLAVA_DEBUG", "") not in ("", "0"):
+    if not own:
         text += f" ({category.__name__}, {filename}:{lineno})"
     warn(text)
 
@@ -76,6 +84,7 @@ def _run_app(argv: list[str] | None) -> object:
     """The command's return value (its exit code). Click's own `main` is bypassed: it would turn a closed pipe into
     exit 1 and Ctrl-C into an Abort; every exception reaches `main` below as it was raised."""
     command = typer.main.get_command(app)
+    opt.describe_defaults(command)
     try:
         with command.make_context("llava", list(sys.argv[1:] if argv is None else argv)) as context:
             return command.invoke(context)
@@ -88,7 +97,8 @@ def _run_app(argv: list[str] | None) -> object:
 def main(argv: list[str] | None = None) -> None:
     """Entry point: one `Error:` line (and a `Hint:`) for a user mistake; with LLAVA_DEBUG=1 the traceback too,
     and the same exit code."""
-    debug = os.environ.get("LLAVA_DEBUG", "") not in ("", "0")
+    debug = console.debugging()
+    console.set_verbose(False)  # until a command's -v says otherwise
 
     def fail(message: str, hint: str | None, code: int) -> None:
         if debug:
@@ -113,10 +123,14 @@ def main(argv: list[str] | None = None) -> None:
     except click_exceptions.UsageError as exc:
         command = exc.ctx.command_path if exc.ctx is not None else "llava"
         fail(exc.format_message(), f"run '{command} --help' for usage", EXIT_USAGE)
-    except Terminated:
-        fail("terminated; finished records are kept", None, EXIT_TERMINATED)
-    except (KeyboardInterrupt, typer.Abort):
-        fail("interrupted; finished records are kept", None, EXIT_INTERRUPTED)
+    except (Terminated, KeyboardInterrupt, typer.Abort) as stop:
+        # Not an error: the user stopped the run. One line that says what is kept and how to go on.
+        if debug:
+            traceback.print_exc()
+        terminated = isinstance(stop, Terminated)
+        console.print_stopped("Terminated" if terminated else "Interrupted",
+                              how_to_go_on(stop) or "finished records are kept.")
+        sys.exit(EXIT_TERMINATED if terminated else EXIT_INTERRUPTED)
     except BrokenPipeError:
         # The reader went away (`llava ... | head`): stop quietly, without a second error at exit.
         devnull = os.open(os.devnull, os.O_WRONLY)
