@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -13,7 +14,7 @@ from typing import Any, TextIO
 from llavanext_cli.checkpoint import Checkpoint
 from llavanext_cli.errors import InputError, InputWarning, UsageError
 from llavanext_cli.generation import GenerationOptions, generate
-from llavanext_cli.images import ImageFetching
+from llavanext_cli.images import ImageFetching, is_url
 from llavanext_cli.prompts import single_image_conversation
 from llavanext_cli.records import MADE_KEYS, NO_DATA, Answer, Failure, Record, Subject, answer_key
 from llavanext_cli.textfiles import read_text
@@ -30,6 +31,9 @@ class PromptJob:
 
     def key(self) -> str:
         return answer_key(self.subject, self.prompt)
+
+    def failure(self, message: str) -> Failure:
+        return Failure(self.subject, message, self.extra)
 
 
 def _load_job_images(job: PromptJob, fetching: ImageFetching, draft_edge: int | None) -> list[Any]:
@@ -203,10 +207,16 @@ def answer_jobs(
                              depth=prefetch_depth(batch_size, workers), cancelled=cancelled)
 
 
-def read_question_jobs(stream: TextIO, name: str) -> list[PromptJob]:
+def read_question_jobs(stream: TextIO, name: str, folder: str = "") -> list[PromptJob]:
     """`ask --questions`: one JSON object a line with "image" or "images" and "question"; other keys are kept
     and copied into the record, except those named like the record's own (a warning says which). A malformed line
-    is a usage error naming the line."""
+    is a usage error naming the line. A relative image path is relative to `folder` (the file's, as the user spelled
+    it; "" for stdin: the current directory), and is named so in its record, as a directory's files are
+    (`data/vqa.jsonl`'s `img/1.jpg` is `data/img/1.jpg`)."""
+
+    def located(image: str) -> str:
+        return image if not folder or is_url(image) or os.path.isabs(image) else os.path.join(folder, image)
+
     jobs = []
     not_copied: set[str] = set()
     for number, line in enumerate(stream, start=1):
@@ -227,12 +237,12 @@ def read_question_jobs(stream: TextIO, name: str) -> list[PromptJob]:
         if "image" in item:
             if not isinstance(item["image"], str) or not item["image"]:
                 raise UsageError(f"{where}: \"image\" must be a path or URL string")
-            subject = Subject.of(item["image"])
+            subject = Subject.of(located(item["image"]))
         else:
             value = item["images"]
             if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
                 raise UsageError(f"{where}: \"images\" must be a non-empty list of paths or URLs")
-            subject = Subject(tuple(value), together=True)
+            subject = Subject(tuple(map(located, value)), together=True)
         extra = {k: v for k, v in item.items() if k not in ("image", "images", "question")}
         not_copied.update(key for key in extra if key in MADE_KEYS)
         jobs.append(PromptJob(subject, question, extra))
@@ -249,4 +259,4 @@ def read_question_jobs(stream: TextIO, name: str) -> list[PromptJob]:
 def open_questions(path: str, stdin: TextIO) -> list[PromptJob]:
     if path == "-":
         return read_question_jobs(stdin, "<stdin>")
-    return read_question_jobs(io.StringIO(read_text(path, "questions file")), path)
+    return read_question_jobs(io.StringIO(read_text(path, "questions file")), path, os.path.dirname(path))

@@ -43,6 +43,16 @@ class Terminated(BaseException):
     removed) before exit 143. Not a KeyboardInterrupt: nothing treats it as Ctrl-C on an answer."""
 
 
+def say_how_to_go_on(stop: BaseException, text: str) -> None:
+    """Attach to a Ctrl-C or SIGTERM what the user can do next (rerun with --resume, ...), for the line that ends
+    the run."""
+    stop.how_to_go_on = text  # type: ignore[attr-defined]
+
+
+def how_to_go_on(stop: BaseException) -> str | None:
+    return getattr(stop, "how_to_go_on", None)
+
+
 class InputWarning(UserWarning):
     """Something about the inputs the user should hear of (the CLI shows it on stderr, without where it was
     raised)."""

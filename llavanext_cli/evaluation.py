@@ -456,11 +456,12 @@ class Evaluation:
     overall: Metrics
     by: Optional[str] = None
     groups: dict[Optional[str], Metrics] = field(default_factory=dict)
+    superseded: int = 0  # records of an input that a later record of the same input replaces
 
     def as_dict(self) -> dict[str, Any]:
         """The `--format json` object: kind, the overall metrics, and with `by` the groups keyed by name (the
         group of records without the key is "null")."""
-        result = {"kind": self.kind, **self.overall.as_dict()}
+        result = {"kind": self.kind, **self.overall.as_dict(), "superseded": self.superseded}
         if self.by is not None:
             result["by"] = self.by
             result["groups"] = {("null" if name is None else name): metrics.as_dict()
@@ -478,28 +479,51 @@ def group_name(record: dict[str, Any], key: str) -> Optional[str]:
     return None if name == "null" else name
 
 
+def input_identity(record: dict[str, Any]) -> Optional[str]:
+    """Which input a record answers: its image (or images) and prompt; None for a record that names no image."""
+    if "image" not in record and "images" not in record:
+        return None
+    return json.dumps([record.get("image"), record.get("images"), record.get("prompt")], ensure_ascii=False,
+                      sort_keys=True)
+
+
+def latest_per_input(records: list[SourceRecord]) -> list[SourceRecord]:
+    """Each input once, by its last record: a failure followed by its success after --resume is a success, a failure
+    that failed again is one error, a file run into twice counts each input once. Records that name no image are
+    each their own input. In the order of each input's last record."""
+    last: dict[str, int] = {}
+    for position, source in enumerate(records):
+        identity = input_identity(source.record)
+        if identity is not None:
+            last[identity] = position
+    return [source for position, source in enumerate(records)
+            if (identity := input_identity(source.record)) is None or last[identity] == position]
+
+
 def repeated_inputs(records: list[SourceRecord]) -> list[str]:
-    """Where a success record answers the same input (image or images, and prompt) as an earlier one: a file run
-    twice into, which would count those inputs twice. Error records are left out (a resumed run follows its
-    failures with their successes)."""
-    seen: set[str] = set()
+    """Where a record answers an input that an earlier success answered already: a file run into twice (a resumed run
+    follows its failures with their successes, which is not this)."""
+    answered: set[str] = set()
     repeated = []
     for source in records:
-        record = source.record
-        if "error" in record or ("image" not in record and "images" not in record):
+        identity = input_identity(source.record)
+        if identity is None:
             continue
-        key = json.dumps([record.get("image"), record.get("images"), record.get("prompt")], ensure_ascii=False,
-                         sort_keys=True)
-        if key in seen:
+        if identity in answered:
             repeated.append(source.where)
-        seen.add(key)
+        if "error" not in source.record:
+            answered.add(identity)
     return repeated
 
 
 def evaluate(records: list[SourceRecord], by: Optional[str] = None, inputs: str = "input") -> Evaluation:
-    """Score a record set. Error records are counted, not scored. Classification and VQA records cannot be
-    mixed; a record with no ground truth, or nothing to score at all, is a UsageError (`inputs` names the
-    input(s) in that message)."""
+    """Score a record set: each input once, by its last record (`latest_per_input`); `count` is the inputs scored,
+    `errors` the inputs whose last record is an error (counted, not scored), `superseded` the earlier records of
+    inputs answered again. Classification and VQA records cannot be mixed; a record with no ground truth, or
+    nothing to score at all, is a UsageError (`inputs` names the input(s) in that message)."""
+    latest = latest_per_input(records)
+    superseded = len(records) - len(latest)
+    records = latest
     kind: Optional[str] = None
     first_where = ""
     items: list[tuple[Any, Optional[str]]] = []  # (prediction, or None for an error record; group name)
@@ -535,7 +559,7 @@ def evaluate(records: list[SourceRecord], by: Optional[str] = None, inputs: str 
             return vqa_metrics([item for item, _ in chosen if item is not None],
                                sum(1 for item, _ in chosen if item is None))
 
-    evaluation = Evaluation(kind, measure(items), by)
+    evaluation = Evaluation(kind, measure(items), by, superseded=superseded)
     if by is not None:
         buckets: dict[Optional[str], list[tuple[Any, Optional[str]]]] = {}
         for entry in items:

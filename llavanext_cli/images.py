@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,6 +154,20 @@ class ImageFetching:
         if is_url(source):
             return image_from_bytes(self.fetch(source), source)
         return load_image(source, draft_edge)
+
+
+def missing_file(source: str) -> str | None:
+    """"no such file" for a local input that is not there (a stat, no read: known before anything loads); None for
+    anything else, which the loader judges when it reads it."""
+    if is_url(source):
+        return None
+    try:
+        os.stat(source)
+    except FileNotFoundError:
+        return "no such file"
+    except (OSError, ValueError):
+        return None
+    return None
 
 
 _TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)

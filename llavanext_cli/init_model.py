@@ -18,6 +18,7 @@ import yaml
 from llavanext_cli.errors import SetupError, UsageError
 from llavanext_cli.loading import SUPPORTED_ARCHITECTURES
 from llavanext_cli.prompts import load_registry
+from llavanext_cli.writers import usual_file_mode
 from llavanext_cli.yamlfile import read_yaml
 
 SPEC_FIELDS = ("architecture", "seed", "dtype", "tokenizer", "chat_template", "vision", "text", "config",
@@ -259,6 +260,12 @@ def build_checkpoint(spec_path: Path, out_dir: Path, *, seed: int | None = None,
         out_dir.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(out_dir)
         processor.save_pretrained(out_dir)
+        # safetensors files are written through a private temporary file (0600): give every file the permissions
+        # a plain `open` gives, so that the checkpoint is readable like the rest of the folder.
+        mode = usual_file_mode()
+        for written in out_dir.iterdir():
+            if written.is_file() and written.stat().st_mode & 0o777 != mode:
+                written.chmod(mode)
     (out_dir / "llava-init-spec.yaml").write_text(
         f"# built by `llava init-model` with seed {seed}\n" + yaml.safe_dump(read_spec(spec_path), sort_keys=False)
     )

@@ -186,6 +186,11 @@ def read_config_file(path: Path, *, required: bool) -> dict[str, Any]:
     return {key: validate_value(str(key), value, str(path)) for key, value in data.items()}
 
 
+def project_defaults() -> dict[str, Any]:
+    """configs/default.yaml: the lowest layer (what `--help` shows as each setting's default)."""
+    return read_config_file(configs_dir() / "default.yaml", required=True)
+
+
 def load_settings(
     flags: Mapping[str, Any] | None = None,
     config_file: Path | None = None,

@@ -22,13 +22,21 @@ OUTPUT_FORMATS = ("text", "json", "jsonl", "csv", "imagefolder")
 APPENDED_FORMATS = ("jsonl", "imagefolder")
 
 
+FORMAT_OF_EXTENSION = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".txt": "text", ".log": "text", "": "text"}
+
+
 def format_for(requested: str | None, output: Path | None) -> str:
-    """--format, else the output file's extension (.jsonl, .json, .csv), else text."""
+    """--format, else the output file's extension (.jsonl, .json, .csv; .txt, .log or none: text). Any other
+    extension names no format: a usage error, rather than a spreadsheet that is really text."""
     if requested:
         return requested
-    if output is not None:
-        return {".jsonl": "jsonl", ".json": "json", ".csv": "csv"}.get(output.suffix.lower(), "text")
-    return "text"
+    if output is None:
+        return "text"
+    extension = output.suffix.lower()
+    if extension not in FORMAT_OF_EXTENSION:
+        raise UsageError(f"-o {output}: {output.suffix} is not an output format llava writes",
+                         hint="name one with --format text|json|jsonl|csv, or use a .jsonl, .json, .csv or .txt file")
+    return FORMAT_OF_EXTENSION[extension]
 
 
 def records_to_csv(records: list[JsonRecord]) -> str:
@@ -146,6 +154,13 @@ def create_temporary(path: Path) -> Path:
         except FileExistsError:
             continue
         return temporary
+
+
+def usual_file_mode() -> int:
+    """The permissions a plain `open` gives a new file: 0666 less the process's umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def write_atomically(path: Path, text: str) -> None:

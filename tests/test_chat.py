@@ -3,6 +3,7 @@ and a real terminal session."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -144,6 +145,7 @@ def test_terminal_session(tiny_next):
     child = pexpect.spawn(sys.executable, ["-m", "llavanext_cli", "chat", str(CAT), "-m", str(tiny_next),
                                            "--max-new-tokens", "6"], cwd=str(REPO), encoding="utf-8", timeout=120,
                           env={**os.environ, "TERM": "xterm-256color"}, dimensions=(40, 160))
+    child.logfile_read = screen = io.StringIO()
     # readline may flush input typed before it takes the terminal: wait for it to settle after each prompt
     settle = 0.5
     child.expect("prompt format")
@@ -159,10 +161,20 @@ def test_terminal_session(tiny_next):
     answer = child.before.strip()
     assert answer
     time.sleep(settle)
+    child.sendline(f"/image {ROCKET}")
+    child.expect("you>")
+    said = child.before
+    time.sleep(settle)
+    child.sendline("And this?")
+    child.expect("llava>")
+    child.expect("you>")
+    time.sleep(settle)
     child.sendeof()
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
+    assert said.count("Attached to your next message") == 1 and said.count(str(ROCKET)) == 2  # typed, then said once
+    assert "Warning" not in screen.getvalue()  # a successful session says nothing but the conversation
     piped = run_cli("chat", CAT, "-m", tiny_next, "--max-new-tokens", "6", stdin="What is this?\n")
     assert piped.stdout.strip() in answer.replace("\r", "")
 

@@ -101,9 +101,9 @@ def test_each_image_is_encoded_once(tiny_next):
     assert len(results) == 2 and len(calls) == 1
 
 
-def test_single_label_has_probability_one(tiny_next):
-    [record] = classify(tiny_next, IMAGES[:1], ["only"])
-    assert record["scores"] == {"only": 1.0} and record["label"] == "only"
+def test_a_single_label_is_refused_its_probability_would_always_be_one(tiny_next):
+    result = run_cli("classify", IMAGES[0], "-m", tiny_next, "--labels", "only")
+    assert result.exit_code == 2 and "at least two labels" in result.stderr and result.stdout == ""
 
 
 def test_labels_file_and_placeholder(tiny_next, tmp_path):

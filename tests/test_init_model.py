@@ -22,6 +22,18 @@ def test_checkpoint_loads_with_plain_transformers(tiny_next, hf_reference):
     assert not list(tiny_next.glob("*.bin"))
 
 
+def test_every_file_has_the_mode_a_plain_open_gives(tiny_next):
+    """The weights too (transformers writes them through a private 0600 temporary file): a checkpoint built for a
+    team or a container is readable like the rest of its folder."""
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    modes = {path.name: path.stat().st_mode & 0o777 for path in tiny_next.iterdir() if path.is_file()}
+    assert "model.safetensors" in modes
+    assert set(modes.values()) == {0o666 & ~mask}, modes
+
+
 def test_llava_15_checkpoint_has_no_chat_template(tiny_llava, hf_reference):
     from transformers import LlavaForConditionalGeneration
 
@@ -111,9 +123,10 @@ def test_refuses_to_overwrite_a_non_empty_directory(tmp_path):
     assert (out / "precious.txt").read_text() == "keep me"
 
 
-def test_missing_spec_exits_2(tmp_path):
+def test_missing_spec_is_a_setup_error_exit_3(tmp_path):
+    """As for any file the tool cannot load (a settings file, a prompt format): exit 3, the README's code."""
     result = run_cli("init-model", tmp_path / "nope.yaml", tmp_path / "out")
-    assert result.exit_code == 2 and "spec file not found" in result.stderr
+    assert result.exit_code == 3 and "spec file not found" in result.stderr
 
 
 def test_customised_config_like_the_seed_use_case(tmp_path):

@@ -365,9 +365,25 @@ def test_a_file_run_into_twice_is_warned_about(tmp_path):
     assert run_cli("score", resumed).stderr == ""  # a failure, then its success after --resume: fine
     twice = write_jsonl(tmp_path / "twice.jsonl", once + once)
     result = run_cli("score", twice, "--format", "json")
-    assert result.exit_code == 0 and json.loads(result.stdout)["count"] == 6
+    assert result.exit_code == 0 and json.loads(result.stdout)["count"] == 3  # each input once, by its last record
+    assert json.loads(result.stdout)["superseded"] == 3
     assert result.stderr.startswith("Warning: 3 records answer an image and prompt answered before (first at ")
-    assert "twice.jsonl:4" in result.stderr
+    assert "twice.jsonl:4" in result.stderr and "counts once, by its last record" in result.stderr
+
+
+def test_an_input_counts_once_by_its_last_record(tmp_path):
+    """A failure, then a failure again after --resume: one error; a failure then its success: one success; what the
+    text summary counts is said there."""
+    lines = [{"image": "0.jpg", "error": "x"}, {"image": "1.jpg", "error": "x"},
+             {"image": "0.jpg", "error": "y"}, {"image": "1.jpg", "label": "a", "truth": "a"},
+             {"image": "2.jpg", "label": "b", "truth": "a"}]
+    path = write_jsonl(tmp_path / "resumed.jsonl", lines)
+    result = run_cli("score", path, "--format", "json")
+    assert result.exit_code == 0 and result.stderr == ""
+    summary = json.loads(result.stdout)
+    assert (summary["count"], summary["errors"], summary["superseded"], summary["accuracy"]) == (2, 1, 2, 0.5)
+    text = run_cli("score", path).stdout
+    assert "inputs scored" in text and "counts once, by its last record" in text and "2 earlier records" in text
 
 
 def test_a_csv_of_records_is_refused_with_what_score_reads(tmp_path):

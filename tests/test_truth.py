@@ -147,12 +147,11 @@ def test_resume_completes_the_set_without_duplicates(run, root, tiny_next, tmp_p
         assert all(abs(record["scores"][label] - reference["scores"][label]) < 1e-6 for label in FOLDERS)
 
 
-def test_one_class_folder_is_one_label_of_probability_one(tmp_path, tiny_next):
+def test_one_class_folder_is_one_label_and_refused(tmp_path, tiny_next):
+    """One folder makes one label, whose probability would always be 1: a usage error, as --labels "a" is."""
     root = make_root(tmp_path / "only", {"rocket": [EXAMPLES / "rocket.jpg"]})
     result = run_cli("classify", root, "--truth-from-dirs", "-m", tiny_next, "--format", "json")
-    assert result.exit_code == 0, result.stderr
-    [record] = json.loads(result.stdout)
-    assert record["label"] == record["truth"] == "rocket" and record["scores"] == {"rocket": 1.0}
+    assert result.exit_code == 2 and "at least two labels" in result.stderr and result.stdout == ""
 
 
 @pytest.mark.parametrize("layout", ["empty", "only non-images", "only hidden"])

@@ -195,10 +195,12 @@ class ChatRepl:
         checkpoint = self.session.checkpoint
         console.print(f"[bold]llava chat[/bold] · {checkpoint.model_id} · prompt format "
                       f"{checkpoint.prompt.format.name} · /help for commands, Ctrl-D to quit", markup=True)
+        if self.session.pending:  # the command line's images; /image says so itself
+            from rich.markup import escape
+
+            attached = ", ".join(item["path"] for item in self.session.pending)
+            console.print(f"[dim]Attached to your next message: {escape(attached)}[/dim]")
         while True:
-            images = self.session.pending
-            if images:
-                console.print("[dim]images for your next message: " + ", ".join(i["path"] for i in images) + "[/dim]")
             try:
                 line = console.input("[bold cyan]you>[/bold cyan] ").strip()
             except EOFError:

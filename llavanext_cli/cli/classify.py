@@ -19,7 +19,7 @@ def classify(
     labels_file: Annotated[Optional[Path], typer.Option("--labels-file", help="One label a line (# comments).",
                                                         show_default=False)] = None,
     prompt: Annotated[Optional[str], typer.Option(
-        "--prompt", help="The question; {labels} becomes the labels joined by \", \" (default from the config).",
+        "--prompt", help="The question; {labels} becomes the labels joined by \", \".",
         show_default=False)] = None,
     normalize: Annotated[Optional[str], typer.Option(
         "--normalize", help="sum | mean: a label's score is the sum or the mean of its tokens' log-probabilities.",

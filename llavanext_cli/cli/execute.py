@@ -17,10 +17,11 @@ from llavanext_cli.cli.console import stderr, warn
 from llavanext_cli.cli.output import Display, stream_to_stdout, write_records
 from llavanext_cli.cli.run import Run, check_output, open_run
 from llavanext_cli.dataset_outputs import DataSetFlags, ImageFolder, Sidecars
-from llavanext_cli.errors import EXIT_INPUT_FAILED
+from llavanext_cli.errors import EXIT_INPUT_FAILED, Terminated, say_how_to_go_on
+from llavanext_cli.images import missing_file
 from llavanext_cli.records import Failure, JsonRecord, Record, Subject, resume_key
 from llavanext_cli.settings import Settings
-from llavanext_cli.writers import OutputLock, RecordSink, format_for, read_finished_keys
+from llavanext_cli.writers import APPENDED_FORMATS, OutputLock, RecordSink, format_for, read_finished_keys
 
 
 class Job(Protocol):
@@ -85,8 +86,36 @@ def execute(settings: Settings, jobs: Sequence[Job], records_for: RecordsFor, ou
         folder.check_inputs(jobs)
         for other in folder.other_metadata():
             warn(f"{other} is there too: datasets refuses a folder whose metadata files are of different kinds")
-    if data_parallel_from_env() is not None:
-        return _execute_shard(settings, jobs, records_for, output, fmt, verbose, sidecars, folder)
+    try:
+        if data_parallel_from_env() is not None:
+            return _execute_shard(settings, jobs, records_for, output, fmt, verbose, sidecars, folder)
+        return _execute_here(settings, jobs, records_for, output, fmt, resume, verbose, draw, streams, several_prompts,
+                             sidecars, folder)
+    except (KeyboardInterrupt, Terminated) as stop:
+        say_how_to_go_on(stop, _how_to_go_on(output, fmt, resume or data_parallel_from_env() is not None, sidecars))
+        raise
+
+
+def _how_to_go_on(output: Path | None, fmt: str, resumes: bool, sidecars: Sidecars | None) -> str:
+    """What a run stopped by Ctrl-C or SIGTERM kept, and how to do the rest."""
+    if output is not None and fmt in APPENDED_FORMATS:
+        # an imagefolder's rerun is its resume, with or without --resume
+        again = "run the same command again" if resumes or fmt == "imagefolder" else \
+            "run the same command with --resume"
+        return f"the finished records are in {output}: {again} to do the rest."
+    if sidecars is not None:
+        return ("the finished caption files are written: run the same command again to do the rest (an image that "
+                "has its caption file is skipped).")
+    if output is not None:
+        return (f"{output} is written whole when a run ends, so it was not written; with -o FILE.jsonl a run keeps "
+                "what it finished and --resume does the rest.")
+    return "the records printed are finished."
+
+
+def _execute_here(settings: Settings, jobs: Sequence[Job], records_for: RecordsFor, output: Path | None, fmt: str,
+                  resume: bool, verbose: bool, draw: Callable[[JsonRecord], None] | None, streams: bool,
+                  several_prompts: bool, sidecars: Sidecars | None, folder: ImageFolder | None) -> int:
+    """A run in this process alone."""
     lock = check_output(output, fmt, resume)
     try:
         remaining = list(jobs)
@@ -116,7 +145,7 @@ def execute(settings: Settings, jobs: Sequence[Job], records_for: RecordsFor, ou
         made = records_for(run, todo, stream_to_stdout if display.streamed else None) if run is not None else None
         sink = RecordSink(output, fmt, many=len(jobs) > 1, with_prompt=several_prompts, **_shape(folder))
         return write_records(_InPlace(placed, made), sink, len(remaining), display,
-                             finish=sidecars.finish if sidecars is not None else None)
+                             finish=sidecars.finish if sidecars is not None else None, reported=placed.values())
     finally:
         try:
             if folder is not None:
@@ -153,11 +182,20 @@ def _skipped(count: int, sidecars: Sidecars | None, folder: ImageFolder | None) 
 
 
 def _refused_up_front(jobs: Sequence[Job], sidecars: Sidecars | None) -> tuple[dict[int, Record], list[Job]]:
-    """The jobs that fail before any work, as error records by their position (--sidecar: a URL, a folder that
-    refuses a new file), and the others, for the model."""
+    """The jobs that fail before any work, as error records by their position, and the others, for the model: an
+    input that is not there, and with --sidecar a URL or a folder that refuses a new file. Each is reported now,
+    before the checkpoint is even opened (its record still comes in input order)."""
     refused = sidecars.refusals(job.subject for job in jobs) if sidecars is not None else {}
-    placed: dict[int, Record] = {position: Failure(job.subject, refused[job.subject], getattr(job, "extra", {}))
+    for job in jobs:
+        if job.subject not in refused:
+            missing = [(image, why) for image in job.subject.images if (why := missing_file(image))]
+            if missing:
+                image, why = missing[0]
+                refused[job.subject] = f"{image}: {why}" if job.subject.together else why
+    placed: dict[int, Record] = {position: job.failure(refused[job.subject])
                                  for position, job in enumerate(jobs) if job.subject in refused}
+    for record in placed.values():
+        warn(f"{record.subject.describe()}: {record.error}")
     return placed, [job for job in jobs if job.subject not in refused]
 
 
@@ -229,7 +267,7 @@ def _execute_shard(settings: Settings, jobs: Sequence[Job], records_for: Records
                               shape=shard_shape(index for index, _ in mine))
             made = records_for(run, todo, None) if run is not None else None
             failed = write_records(_InPlace(placed, made), sink, len(mine),
-                                   finish=sidecars.finish if sidecars is not None else None)
+                                   finish=sidecars.finish if sidecars is not None else None, reported=placed.values())
         group.wait_for_everyone()
         if group.is_main:
             merged = folder.merge_shards() if folder is not None else merge_shards(output)

@@ -13,7 +13,7 @@ from llavanext_cli.errors import UsageError
 
 def inspect_config(
     model_arg: Annotated[Optional[str], typer.Argument(
-        metavar="[MODEL]", help="Hub id or local checkpoint directory (default: -m / LLAVA_MODEL / the config).",
+        metavar="[MODEL]", help="The checkpoint to inspect: a hub id or a local directory.",
         show_default=False)] = None,
     prompt: Annotated[Optional[str], typer.Option(
         "--prompt", help="The question to render in the one-image prompt.", show_default=False)] = None,

@@ -7,17 +7,18 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from llavanext_cli.cli.console import set_verbose
+
 _MODEL = "Model"
 _RUN = "Running"
 _GEN = "Generation"
 _OUT = "Output"
 
 ModelOpt = Annotated[Optional[str], typer.Option(
-    "-m", "--model", help="Hub id or local checkpoint directory (env LLAVA_MODEL; default "
-    "llava-hf/llava-v1.6-mistral-7b-hf).", rich_help_panel=_MODEL, show_default=False)]
+    "-m", "--model", help="Hub id or local checkpoint directory.", rich_help_panel=_MODEL, show_default=False)]
 PromptFormatOpt = Annotated[Optional[str], typer.Option(
-    "--prompt-format", help="A registry format (see prompts/) or a format .yaml file; default: the checkpoint's "
-    "chat template, else the registry.", rich_help_panel=_MODEL, show_default=False)]
+    "--prompt-format", help="A registry format (see prompts/) or a format .yaml file.", rich_help_panel=_MODEL,
+    show_default=False)]
 DtypeOpt = Annotated[Optional[str], typer.Option(
     "--dtype", help="auto | float16 | bfloat16 | float32.", rich_help_panel=_RUN, show_default=False)]
 QuantOpt = Annotated[Optional[str], typer.Option(
@@ -31,19 +32,20 @@ DeviceOpt = Annotated[Optional[str], typer.Option(
 BatchSizeOpt = Annotated[Optional[int], typer.Option(
     "--batch-size", help="Images per forward pass.", rich_help_panel=_RUN, show_default=False)]
 WorkersOpt = Annotated[Optional[int], typer.Option(
-    "--workers", help="Batches generated at once, each on its share of the CPU cores; 0 = auto (2 on a CPU, "
-    "1 on a GPU, where --batch-size is the knob).", rich_help_panel=_RUN, show_default=False)]
+    "--workers", help="Batches generated at once, each on its share of the CPU cores (on a GPU, --batch-size is "
+    "the knob).", rich_help_panel=_RUN, show_default=False)]
 OfflineOpt = Annotated[Optional[bool], typer.Option(
     "--offline/--online", help="Use only local files and the Hub cache.", rich_help_panel=_RUN, show_default=False)]
 ConfigOpt = Annotated[Optional[Path], typer.Option(
     "--config", help="A settings YAML file (same keys as configs/default.yaml).", rich_help_panel=_RUN,
     show_default=False)]
 VerboseOpt = Annotated[bool, typer.Option(
-    "-v", "--verbose", help="Show library logs and progress bars on stderr.", rich_help_panel=_RUN)]
+    "-v", "--verbose", help="Show library logs, warnings and progress bars on stderr.", rich_help_panel=_RUN,
+    callback=set_verbose)]
 MaxNewTokensOpt = Annotated[Optional[int], typer.Option(
     "--max-new-tokens", help="Most tokens to generate.", rich_help_panel=_GEN, show_default=False)]
 TemperatureOpt = Annotated[Optional[float], typer.Option(
-    "--temperature", help="0 means greedy (the default).", rich_help_panel=_GEN, show_default=False)]
+    "--temperature", help="Sampling temperature; 0 means greedy.", rich_help_panel=_GEN, show_default=False)]
 TopPOpt = Annotated[Optional[float], typer.Option(
     "--top-p", help="Nucleus sampling (with --temperature > 0).", rich_help_panel=_GEN, show_default=False)]
 NumBeamsOpt = Annotated[Optional[int], typer.Option(
@@ -51,13 +53,13 @@ NumBeamsOpt = Annotated[Optional[int], typer.Option(
 SeedOpt = Annotated[Optional[int], typer.Option(
     "--seed", help="Seed for reproducible sampling.", rich_help_panel=_GEN, show_default=False)]
 FormatOpt = Annotated[Optional[str], typer.Option(
-    "--format", help="text | json | jsonl | csv | imagefolder (default: from -o's extension, else text). imagefolder: "
-    "-o DIR/metadata.jsonl, one {file_name, text or label} line per success, for datasets' imagefolder.",
+    "--format", help="text | json | jsonl | csv | imagefolder. imagefolder: -o DIR/metadata.jsonl, one {file_name, "
+    "text or label} line per success, for datasets' imagefolder.",
     rich_help_panel=_OUT, show_default=False)]
 OutputOpt = Annotated[Optional[Path], typer.Option(
     "-o", "--output", help="Write records to FILE instead of stdout.", rich_help_panel=_OUT, show_default=False)]
 PromptOpt = Annotated[Optional[str], typer.Option(
-    "--prompt", help="The prompt text (default from the config).", show_default=False)]
+    "--prompt", help="The prompt text.", show_default=False)]
 
 
 FastDecodeOpt = Annotated[Optional[bool], typer.Option(
@@ -130,3 +132,68 @@ def model_flags(parameters: dict[str, Any]) -> dict[str, Any]:
 def given(**flags: Any) -> dict[str, Any]:
     """The flags the user actually gave (None means not given)."""
     return {key: value for key, value in flags.items() if value is not None}
+
+
+# --- what --help says of every option: its default, and its environment variable ----------------------------------
+
+# Command options that take their default from a setting (they are not settings themselves: a flag, env or config
+# file sets the setting).
+_DEFAULT_FROM_SETTING = {("caption", "prompt"): "caption_prompt", ("classify", "prompt"): "classify_prompt"}
+# Parameters named like a setting that are a command's own there.
+_NOT_THE_SETTING = {("inspect-config", "output_format"), ("score", "output_format"), ("init-model", "seed")}
+# Defaults said in words where the value alone would not tell.
+_DEFAULT_IN_WORDS = {
+    "prompt_format": "the checkpoint's chat template, else the prompts/ registry",
+    "format": "from -o's extension, else text",
+    "workers": "0 (auto: 2 on a CPU, 1 on a GPU)",
+    "seed": "none (a new draw every run)",
+    "max_memory": "none (accelerate decides)",
+    "output": "stdout", "config": "none", "images": "none", "labels": "none", "labels_file": "none",
+    "questions": "none", "question": "none", "schema": "none (free text)", "prefix": "none", "suffix": "none",
+    "system": "none", "by": "none", "model_arg": "the model setting (-m, LLAVA_MODEL, a config file)",
+}
+
+
+def _shown(value: Any) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(map(str, value)) or "none"
+    return str(value)
+
+
+def describe_defaults(group: Any) -> None:
+    """Add to each option's help its default and, for a setting, its LLAVA_* variable (the values of
+    configs/default.yaml, which a user or --config file may change); show no value placeholder for flags.
+    Applied to the app's click commands once per invocation, so that no option's help has to repeat it."""
+    from llavanext_cli.settings import SETTING_NAMES, env_var_name, project_defaults
+
+    defaults = project_defaults()
+    for command in (group, *getattr(group, "commands", {}).values()):
+        for flag in (*command.params, _help_option(command)):
+            if getattr(flag, "is_flag", False):
+                flag.metavar = ""
+    for name, command in getattr(group, "commands", {}).items():
+        for param in command.params:
+            if param.name in ("help", "version") or param.name is None:
+                continue
+            setting = _RENAMED_SETTINGS.get(param.name, param.name)
+            source = _DEFAULT_FROM_SETTING.get((name, param.name))
+            if setting in SETTING_NAMES and (name, param.name) not in _NOT_THE_SETTING:
+                default = _DEFAULT_IN_WORDS.get(setting) or _shown(defaults.get(setting))
+                about = f"default {default}; env {env_var_name(setting)}"
+            elif source is not None:
+                about = f"default the {source} setting, {defaults.get(source)!r}; env {env_var_name(source)}"
+            else:
+                default = _DEFAULT_IN_WORDS.get(param.name) or _shown(param.default)
+                about = f"default {default}"
+            param.help = f"{(param.help or '').rstrip()} ({about})".lstrip()
+            param.show_default = False
+
+
+def _help_option(command: Any) -> Any:
+    """The command's -h/--help option (click makes it on demand, and keeps it once made)."""
+    context = type(command).context_class(command, help_option_names=["-h", "--help"])
+    return command.get_help_option(context)

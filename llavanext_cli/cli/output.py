@@ -5,7 +5,7 @@ terminal, and the exit code."""
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import closing
 from dataclasses import dataclass
 from typing import Any
@@ -32,13 +32,14 @@ def stream_to_stdout(text: str) -> None:
 
 
 def write_records(records: Iterator[Record], sink: RecordSink, total: int, display: Display = Display(),
-                  finish: Callable[[Record], Record] | None = None) -> int:
+                  finish: Callable[[Record], Record] | None = None, reported: Iterable[Record] = ()) -> int:
     """Drive the record iterator to its end, writing each record as it is final; 1 if any input failed, else 0.
     `finish` is a record's last step before the sink (--sidecar writes its caption file there), which may turn it
-    into a failure. The iterator is closed however this ends: on Ctrl-C, SIGTERM or an error the pipeline's threads
+    into a failure; the failures in `reported` were reported on stderr already. The iterator is closed however this ends: on Ctrl-C, SIGTERM or an error the pipeline's threads
     stop before this returns (a thread still inside the model when the interpreter exits would abort the process
     instead of exiting with the contract's code)."""
     failures = 0
+    already = {id(record) for record in reported}
     progress: Any = None
     complete = False
     with closing(records):
@@ -54,7 +55,8 @@ def write_records(records: Iterator[Record], sink: RecordSink, total: int, displ
                     sys.stdout.write("\n")
                 if not record.ok:
                     failures += 1
-                    warn(f"{record.subject.describe()}: {record.error}")
+                    if id(record) not in already:
+                        warn(f"{record.subject.describe()}: {record.error}")
                 if display.draw is not None:
                     if record.ok:
                         display.draw(record.to_json())

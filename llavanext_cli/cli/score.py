@@ -45,8 +45,11 @@ def score(
     normalisation, counted in vqa_accuracy, and alone in exact_match.
 
     Input: JSON objects one a line (jsonl), or a file holding one JSON array
-    (what --format json writes); blank lines skipped. Records with an error
-    key are counted in errors, not scored. A line that is not a JSON object,
+    (what --format json writes); blank lines skipped. Each input (an image
+    and its prompt) counts once, by its last record, so a failure retried
+    with --resume counts as its retry: count is the inputs scored, errors
+    the inputs whose last record is an error, superseded the earlier
+    records not counted. A line that is not a JSON object,
     a record without ground truth, classification and VQA records mixed, a
     missing file or nothing to score: exit 2, naming the file and line.
 
@@ -72,8 +75,8 @@ def score(
     repeated = repeated_inputs(records)
     if repeated:
         warn(f"{len(repeated)} record{'s answer' if len(repeated) > 1 else ' answers'} an image and prompt answered "
-             f"before (first at {repeated[0]}), so {'they count' if len(repeated) > 1 else 'it counts'} twice: a "
-             "file written to by two runs? (--resume appends only what is missing)")
+             f"before (first at {repeated[0]}): a file written to by two runs? Each input counts once, by its last "
+             "record (--resume appends only what is missing)")
     evaluation = evaluate(records, by=by, inputs=inputs)
     if by is not None and set(evaluation.groups) == {None}:
         warn(f"no record has the key {by!r}: every record is in the group (none)")
@@ -125,6 +128,11 @@ def render_text(evaluation: Evaluation) -> None:
     console = Console(highlight=False)
     overall = evaluation.overall
     console.print(_summary_table(evaluation.kind, overall))
+    note = ("Each input (an image and its prompt) counts once, by its last record: a failure retried with --resume "
+            "counts as its retry")
+    if evaluation.superseded:
+        note += f"; {evaluation.superseded} earlier record{'s' if evaluation.superseded > 1 else ''} of such inputs not counted"
+    console.print(note + ".", style="dim", markup=False)
     if evaluation.kind == "classification" and overall.count:
         console.print(_per_label_table(overall))
         grid = _confusion_grid(overall, console.width)
@@ -144,8 +152,8 @@ def _summary_table(kind: str, metrics):
                   title_justify="left", title_style="bold")
     table.add_column(style="bold")
     table.add_column(justify="right")
-    table.add_row("records", str(metrics.count))
-    table.add_row("errors", str(metrics.errors))
+    table.add_row("inputs scored", str(metrics.count))
+    table.add_row("inputs failed", str(metrics.errors))
     if kind == "classification":
         table.add_row("accuracy", _rate(metrics.accuracy))
         table.add_row("macro F1", _rate(metrics.macro_f1))
@@ -228,8 +236,8 @@ def _groups_table(evaluation: Evaluation):
     classification = evaluation.kind == "classification"
     table = Table(title=f"by {evaluation.by}, worst first", title_justify="left", title_style="bold")
     table.add_column(evaluation.by, overflow="fold")
-    table.add_column("records", justify="right")
-    table.add_column("errors", justify="right")
+    table.add_column("scored", justify="right")
+    table.add_column("failed", justify="right")
     if classification:
         table.add_column("accuracy", justify="right")
         table.add_column("macro F1", justify="right")
