@@ -17,7 +17,7 @@ def test_wheel_ships_prompts_and_configs_and_finds_them(tmp_path):
         capture_output=True, text=True, timeout=300,
     )
     assert build.returncode == 0, build.stdout + build.stderr
-    [wheel] = wheel_dir.glob("llava-*.whl")
+    [wheel] = wheel_dir.glob("llavanext_cli-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     for expected in ("llavanext_cli/_data/prompts/mistral-instruct.yaml", "llavanext_cli/_data/configs/default.yaml",
                      "llavanext_cli/_data/configs/tiny-llava-next.yaml"):

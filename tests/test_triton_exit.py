@@ -18,6 +18,10 @@ from conftest import EXAMPLES, REPO, run_llava_process
 
 TRITON = "triton==3.9.0"
 
+# It installs triton 3.9.0 from the package index (a 290 MB wheel), unless LLAVA_TEST_TRITON_DIR names a folder that
+# has it: deselected by default, `python -m pytest -m network` runs it (CI does, after the suite).
+pytestmark = pytest.mark.network
+
 
 @pytest.fixture(scope="session")
 def triton_path(request, tmp_path_factory) -> str:
