@@ -119,6 +119,25 @@ def run_llava_process(*args: str, env: dict[str, str] | None = None, stdin: str 
                           capture_output=True, env=full_env, timeout=timeout, cwd=str(REPO))
 
 
+def free_port() -> int:
+    """A TCP port nobody listens on now (the OS picks it: bind port 0), for a server a test starts."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def accelerate_launch(*args: str) -> subprocess.Popen:
+    """`accelerate launch` of `llava ARGS...` on two CPU processes (gloo) with a free rendezvous port.
+    (`accelerate launch --cpu` would start ONE process; --multi_gpu with a CPU-only torch starts two ranks.)"""
+    accelerate = str(Path(sys.executable).parent / "accelerate")
+    command = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+               "-m", "llavanext_cli", *map(str, args)]
+    return subprocess.Popen(command, cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
 @contextlib.contextmanager
 def http_server(handler: type):
     """A local HTTP server answering with `handler` (a BaseHTTPRequestHandler class): its base URL."""
@@ -162,14 +181,25 @@ def isolated_environment(tmp_path_factory, monkeypatch):
 
 
 def _build(spec: str, out: Path) -> Path:
-    result = run_cli("init-model", REPO / "configs" / spec, out)
-    assert result.exit_code == 0, result.stderr
+    """`llava init-model SPEC OUT`, once for the whole run: the suite's processes (pytest-xdist's workers) share the
+    folder, and the first to take its lock builds it."""
+    from filelock import FileLock
+
+    with FileLock(str(out) + ".lock"):
+        if not (out / "model.safetensors").is_file():
+            result = run_cli("init-model", REPO / "configs" / spec, out, "--force")
+            assert result.exit_code == 0, result.stderr
     return out
 
 
 @pytest.fixture(scope="session")
 def checkpoints_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("checkpoints")
+    """Shared by every process of the run (xdist gives each worker a folder below one base)."""
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    folder = shared / "checkpoints"
+    folder.mkdir(exist_ok=True)
+    return folder
 
 
 @pytest.fixture(scope="session")

@@ -54,6 +54,7 @@ def classify(checkpoint, images, labels, *extra):
     return json.loads(result.stdout)
 
 
+@pytest.mark.xdist_group("naive-classify")  # one worker computes the naive forwards once for both normalisations
 @pytest.mark.parametrize("normalize", ["sum", "mean"])
 @pytest.mark.parametrize("fixture,template", [
     ("tiny_next", "[INST] <image>\n{q} [/INST]"),
@@ -156,9 +157,7 @@ def test_bad_image_is_an_error_record(tiny_next, tmp_path):
 
 
 def test_text_in_a_pipe_is_one_line_per_image(tiny_next):
-    from conftest import run_llava_process
-
-    result = run_llava_process("classify", *IMAGES[:2], "-m", tiny_next, "--labels", "a cat,dog")
-    assert result.returncode == 0, result.stderr
+    result = run_cli("classify", *IMAGES[:2], "-m", tiny_next, "--labels", "a cat,dog")
+    assert result.exit_code == 0, result.stderr
     lines = result.stdout.splitlines()
     assert len(lines) == 2 and all(line.split("\t")[1] in ("a cat", "dog") for line in lines)

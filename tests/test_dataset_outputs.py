@@ -7,14 +7,12 @@ import json
 import os
 import shutil
 import stat
-import subprocess
-import sys
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
 
-from conftest import EXAMPLES, REPO, TEST_IMAGES, http_server, run_cli
+from conftest import EXAMPLES, TEST_IMAGES, accelerate_launch, http_server, run_cli
 
 TOKENS = ("--max-new-tokens", "3")
 
@@ -407,13 +405,10 @@ def test_two_processes_write_their_own_caption_files_and_merge_the_metadata(tiny
     caption_file(folder / "chelsea.png").write_text("kept")
     args = ("caption", folder, "-r", "-m", tiny_next, *TOKENS, "--sidecar", "--format", "imagefolder",
             "-o", folder / "metadata.jsonl")
-    accelerate = str(Path(sys.executable).parent / "accelerate")
-    command = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29631",
-               "-m", "llavanext_cli", *map(str, args)]
-    process = subprocess.run(command, cwd=str(REPO), capture_output=True, text=True, timeout=300)
-    assert process.returncode == 0, process.stderr
-    assert "(1 image already has a caption file (STEM.txt), skipped; --overwrite redoes it)" in process.stderr
+    process = accelerate_launch(*args)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr
+    assert "(1 image already has a caption file (STEM.txt), skipped; --overwrite redoes it)" in stderr
     lines = [json.loads(line) for line in (folder / "metadata.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [line["file_name"] for line in lines] == ["rocket.jpg", "sub dir/clip.gif", "sub dir/hörse.png"]
     assert caption_file(folder / "chelsea.png").read_text() == "kept"

@@ -138,9 +138,8 @@ def test_questions_file_images_resolve_against_its_folder(tiny_next, tmp_path, m
 # --- --help says every default, and where a setting's variable is ---------------------------------------------------
 
 def _help(command: str) -> str:
-    result = subprocess.run([sys.executable, "-m", "llavanext_cli", command, "--help"], capture_output=True, text=True,
-                            cwd=str(REPO), env={**__import__("os").environ, "COLUMNS": "400"}, timeout=60)
-    assert result.returncode == 0, result.stderr
+    result = run_cli(command, "--help", env={"COLUMNS": "400"})
+    assert result.exit_code == 0, result.stderr
     return " ".join(re.sub("[│╭╮╰╯─]", " ", result.stdout).split())
 
 

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from llavanext_cli.errors import InputError
 from llavanext_cli.images import image_from_bytes
 
-from conftest import EXAMPLES, REPO, TEST_IMAGES, folder_of_examples, run_cli, run_llava_process
+from conftest import EXAMPLES, REPO, TEST_IMAGES, folder_of_examples, run_cli
 
 IMAGE = EXAMPLES / "chelsea.png"
 
@@ -48,8 +48,8 @@ def test_pickle_weights_are_never_unpickled(tmp_path, tiny_next):
     (hostile / "model.safetensors").unlink()
     (hostile / "pytorch_model.bin").write_bytes(pickle.dumps(_Payload(marker)))
     for command in _every_command(hostile):
-        result = run_llava_process(*command, stdin="hello\n")
-        assert result.returncode == 3, (command, result.stderr)
+        result = run_cli(*command, stdin="hello\n")
+        assert result.exit_code == 3, (command, result.stderr)
         assert "safetensors" in result.stderr
     assert not marker.exists()
     pickle.loads((hostile / "pytorch_model.bin").read_bytes())  # the payload is real: unpickling does run it
@@ -69,8 +69,8 @@ def test_remote_code_is_never_imported(tmp_path, tiny_next, where):
         data["model_type"] = "evil-llava"  # unknown to transformers: only remote code could load it
     (hostile / where).write_text(json.dumps(data))
     for command in _every_command(hostile):
-        result = run_llava_process(*command, stdin="hello\n")
-        assert result.returncode == 3, (command, result.stderr)
+        result = run_cli(*command, stdin="hello\n")
+        assert result.exit_code == 3, (command, result.stderr)
         assert "never runs code" in result.stderr
     assert not marker.exists()
 
@@ -136,8 +136,8 @@ def test_interrupted_run_keeps_finished_records_and_resume_completes_it(tmp_path
     kept = [json.loads(line) for line in text.splitlines()]  # every line is whole
     assert 3 <= len(kept) < 20
     assert [r["image"] for r in kept] == [str(folder / p.name) for p in sorted(folder.iterdir())][:len(kept)]
-    resumed = run_llava_process(*args, "--resume")
-    assert resumed.returncode == 0, resumed.stderr
+    resumed = run_cli(*args, "--resume")
+    assert resumed.exit_code == 0, resumed.stderr
     final = [json.loads(line) for line in out.read_text().splitlines()]
     assert sorted(r["image"] for r in final) == sorted(str(p) for p in folder.iterdir())  # each once
 
@@ -162,10 +162,10 @@ def test_second_writer_to_the_same_file_refuses(tmp_path, tiny_next):
     out = tmp_path / "shared.jsonl"
     first = _start("caption", folder, "-m", tiny_next, "--max-new-tokens", "4", "-o", out)
     _wait_for_lines(out, 1, first)
-    second = run_llava_process("caption", IMAGE, "-m", tiny_next, "-o", out)
+    second = run_cli("caption", IMAGE, "-m", tiny_next, "-o", out)
     first.send_signal(signal.SIGINT)
     first.communicate(timeout=60)
-    assert second.returncode == 2 and "another llava run is writing" in second.stderr
+    assert second.exit_code == 2 and "another llava run is writing" in second.stderr
     lines = out.read_text().splitlines()
     assert all(json.loads(line)["image"].startswith(str(folder)) for line in lines)
 
@@ -229,8 +229,8 @@ def test_appending_without_resume_starts_on_a_clean_line(tmp_path, tiny_next, le
     part instead of gluing its first record to it; a whole last line that only lacks its newline is kept."""
     out = tmp_path / "out.jsonl"
     out.write_text('{"image": "b.png", "text": "kept"}\n' + left, encoding="utf-8")
-    result = run_llava_process("caption", IMAGE, "-m", tiny_next, "--max-new-tokens", "2", "-o", out)
-    assert result.returncode == 0, result.stderr
+    result = run_cli("caption", IMAGE, "-m", tiny_next, "--max-new-tokens", "2", "-o", out)
+    assert result.exit_code == 0, result.stderr
     records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     kept = 2 if left.endswith("}") else 1
     assert len(records) == kept + 1 and records[-1]["image"] == str(IMAGE)

@@ -5,26 +5,13 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import psutil
 import pytest
 
-from conftest import EXAMPLES, REPO, folder_of_examples, run_cli, run_llava_process
-
-ACCELERATE = str(Path(sys.executable).parent / "accelerate")
-
-
-def _launch(*args: str, port: int) -> subprocess.Popen:
-    # `accelerate launch --cpu` would start ONE process; --multi_gpu with a CPU-only torch starts two gloo ranks.
-    command = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
-               "-m", "llavanext_cli", *map(str, args)]
-    return subprocess.Popen(command, cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
+from conftest import EXAMPLES, accelerate_launch, folder_of_examples, free_port, run_cli
 
 def _records(path: Path) -> list[dict]:
     return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in path.read_text().splitlines()]
@@ -34,7 +21,7 @@ def test_two_processes_merge_into_the_one_process_result(tmp_path, tiny_next):
     folder = folder_of_examples(tmp_path / "images", 9)
     (folder / "broken.png").write_bytes(b"not a png")
     out = tmp_path / "out.jsonl"
-    process = _launch("caption", folder, "-m", tiny_next, "--max-new-tokens", "4", "-o", out, port=29611)
+    process = accelerate_launch("caption", folder, "-m", tiny_next, "--max-new-tokens", "4", "-o", out)
     _, stderr = process.communicate(timeout=300)
     assert process.returncode != 0  # the broken input: exit 1 from the ranks, reported by the launcher
     assert "process 0 of 2 takes 5 inputs" in stderr and "process 1 of 2 takes 5 inputs" in stderr  # both ran
@@ -51,7 +38,7 @@ def test_two_processes_share_whole_images_of_several_questions(tmp_path, tiny_ne
     folder = folder_of_examples(tmp_path / "images", 5)
     out = tmp_path / "out.jsonl"
     questions = ("-q", "What is it?", "-q", "Is it indoors?")
-    process = _launch("ask", folder, *questions, "-m", tiny_next, "--max-new-tokens", "4", "-o", out, port=29615)
+    process = accelerate_launch("ask", folder, *questions, "-m", tiny_next, "--max-new-tokens", "4", "-o", out)
     _, stderr = process.communicate(timeout=300)
     assert process.returncode == 0, stderr
     assert "process 0 of 2 takes 6 inputs" in stderr and "process 1 of 2 takes 4 inputs" in stderr
@@ -64,7 +51,7 @@ def test_a_killed_rank_then_resume_completes_the_set(tmp_path, tiny_next):
     folder = folder_of_examples(tmp_path / "images", 20)
     out = tmp_path / "out.jsonl"
     args = ("caption", folder, "-m", tiny_next, "--max-new-tokens", "4", "-o", out)
-    launcher = _launch(*args, port=29612)
+    launcher = accelerate_launch(*args)
     shard = tmp_path / "out.jsonl.rank1.part"
     deadline = time.time() + 120
     while not (shard.exists() and len(shard.read_text().splitlines()) >= 3):
@@ -78,7 +65,7 @@ def test_a_killed_rank_then_resume_completes_the_set(tmp_path, tiny_next):
     assert launcher.returncode != 0
     assert not out.exists() or len(out.read_text().splitlines()) < 20
 
-    process = _launch(*args, port=29613)
+    process = accelerate_launch(*args)
     _, stderr = process.communicate(timeout=300)
     assert process.returncode == 0, stderr
     records = _records(out)
@@ -96,9 +83,9 @@ def test_not_launched_means_one_process_as_before(tmp_path, tiny_next, monkeypat
 
 
 def test_data_parallel_needs_a_jsonl_output(tiny_next):
-    env = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29614"}
-    result = run_llava_process("caption", EXAMPLES / "chelsea.png", "-m", tiny_next, env=env, timeout=60)
-    assert result.returncode == 2 and "-o FILE.jsonl" in result.stderr
+    env = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    result = run_cli("caption", EXAMPLES / "chelsea.png", "-m", tiny_next, env=env)
+    assert result.exit_code == 2 and "-o FILE.jsonl" in result.stderr
 
 
 @pytest.mark.parametrize("value,message", [("0=70", "DEVICE=AMOUNT"), ("gpu0=70GiB", "unknown device"),

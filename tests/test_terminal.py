@@ -8,7 +8,7 @@ import sys
 
 import pexpect
 
-from conftest import EXAMPLES, REPO, run_llava_process
+from conftest import EXAMPLES, REPO, run_cli
 
 
 def spawn(*args, timeout=120):
@@ -32,8 +32,7 @@ def test_progress_bar_on_a_terminal(tiny_next):
 def test_single_answer_streams_and_matches_the_record(tiny_next):
     status, screen = spawn("caption", EXAMPLES / "chelsea.png", "-m", tiny_next, "--max-new-tokens", "8")
     assert status == 0
-    piped = run_llava_process("caption", EXAMPLES / "chelsea.png", "-m", tiny_next, "--max-new-tokens", "8",
-                              "--format", "jsonl")
+    piped = run_cli("caption", EXAMPLES / "chelsea.png", "-m", tiny_next, "--max-new-tokens", "8", "--format", "jsonl")
     text = json.loads(piped.stdout)["text"]
     assert text in screen.replace("\r\n", "\n")
 
@@ -46,13 +45,13 @@ def test_a_json_answer_is_shown_whole_or_not_at_all(tiny_next):
     status, screen = spawn("caption", EXAMPLES / "chelsea.png", "-m", tiny_next, "--schema", "count int 0..9, ok bool",
                            "--max-new-tokens", "40")
     assert status == 0
-    piped = run_llava_process("caption", EXAMPLES / "chelsea.png", "-m", tiny_next, "--schema",
-                              "count int 0..9, ok bool", "--max-new-tokens", "40", "--format", "jsonl")
+    piped = run_cli("caption", EXAMPLES / "chelsea.png", "-m", tiny_next, "--schema", "count int 0..9, ok bool",
+                    "--max-new-tokens", "40", "--format", "jsonl")
     assert json.loads(piped.stdout)["text"] + "\r\n" in screen
 
 
 def test_nothing_on_stderr_in_a_pipe(tiny_next):
-    result = run_llava_process("caption", EXAMPLES / "chelsea.png", EXAMPLES / "rocket.jpg", "-m", tiny_next,
-                               "--max-new-tokens", "3")
-    assert result.returncode == 0 and result.stderr == ""
+    result = run_cli("caption", EXAMPLES / "chelsea.png", EXAMPLES / "rocket.jpg", "-m", tiny_next,
+                     "--max-new-tokens", "3")
+    assert result.exit_code == 0 and result.stderr == ""
     assert len(result.stdout.splitlines()) == 2

@@ -19,7 +19,7 @@ from llavanext_cli.cli.run import Run, check_output, open_run
 from llavanext_cli.dataset_outputs import DataSetFlags, ImageFolder, Sidecars
 from llavanext_cli.errors import EXIT_INPUT_FAILED, Terminated, say_how_to_go_on
 from llavanext_cli.images import missing_file
-from llavanext_cli.records import Failure, JsonRecord, Record, Subject, resume_key
+from llavanext_cli.records import JsonRecord, Record, Subject, resume_key
 from llavanext_cli.settings import Settings
 from llavanext_cli.writers import APPENDED_FORMATS, OutputLock, RecordSink, format_for, read_finished_keys
 
