@@ -34,7 +34,8 @@ def main() -> None:
 
 def measure(model: str, args: argparse.Namespace) -> None:
     from llavanext_cli import structured
-    from llavanext_cli.generation import GenerationOptions, generate_from_inputs
+    from llavanext_cli.generation import generate_from_inputs
+    from llavanext_cli.plan import GenerationOptions, plan_execution
     from llavanext_cli.images import load_image
     from llavanext_cli.preprocessing import prepare_inputs
     from llavanext_cli.prompts import single_image_conversation
@@ -55,7 +56,7 @@ def measure(model: str, args: argparse.Namespace) -> None:
 
     image = load_image(REPO / "examples" / "chelsea.png")
     prompt = checkpoint.prompt.format.render(single_image_conversation(answer_schema.prompt("Describe it.")))
-    inputs = prepare_inputs(checkpoint, [prompt] * args.batch, [[image]] * args.batch)
+    inputs = prepare_inputs(checkpoint.processor, [prompt] * args.batch, [[image]] * args.batch)
 
     inside: list[float] = []
     real_class = structured._processor_class()
@@ -72,7 +73,7 @@ def measure(model: str, args: argparse.Namespace) -> None:
     def run(tokens: int, constrained: bool) -> float:
         """One generate() through the tool's own path, with or without the schema's processor (the random model
         does not stop by itself within these tokens: checked)."""
-        options = GenerationOptions(max_new_tokens=tokens)
+        options = plan_execution(checkpoint, GenerationOptions(max_new_tokens=tokens))
         begin = time.perf_counter()
         results, _ = generate_from_inputs(checkpoint, dict(inputs), options,
                                           constraint=constraint if constrained else None)

@@ -13,8 +13,9 @@ from typing import Any, TextIO
 
 from llavanext_cli.checkpoint import Checkpoint
 from llavanext_cli.errors import InputError, InputWarning, UsageError
-from llavanext_cli.generation import GenerationOptions, generate
+from llavanext_cli.generation import generate
 from llavanext_cli.images import ImageFetching, is_url
+from llavanext_cli.plan import ExecutionPlan
 from llavanext_cli.prompts import single_image_conversation
 from llavanext_cli.records import MADE_KEYS, NO_DATA, Answer, Failure, Record, Subject, answer_key
 from llavanext_cli.textfiles import read_text
@@ -42,7 +43,7 @@ def _load_job_images(job: PromptJob, fetching: ImageFetching, draft_edge: int | 
         try:
             images.append(fetching.load(source, draft_edge))
         except InputError as exc:
-            raise InputError(f"{source}: {exc.message}" if job.subject.together else exc.message) from None
+            raise InputError(f"{source}: {exc.message}" if job.subject.together else exc.message) from exc
     return images
 
 
@@ -98,14 +99,12 @@ def plan_units(jobs: Sequence[PromptJob], counts_of: Callable[[list[int]], list[
 def answer_jobs(
     checkpoint: Checkpoint,
     jobs: Sequence[PromptJob],
-    options: GenerationOptions,
+    plan: ExecutionPlan,
     batch_size: int = 1,
     fetching: ImageFetching = ImageFetching(),
     on_text: Callable[[str], None] | None = None,
     fast_decode: bool = False,
     prefetch: bool = True,
-    workers: int = 1,
-    share_prefixes: bool = True,
     constraint: Any = None,
 ) -> Iterator[Record]:
     """Yield one record per job, in order; an unreadable image is an error record and the others go on.
@@ -113,23 +112,23 @@ def answer_jobs(
     Questions about the same image(s) form one unit: the image is loaded and preprocessed once, and the prompts'
     shared beginning (the image's tokens included) runs through the model once, each prompt continuing from a copy
     of its cache (`batch_size` prompts at a time). Other jobs are batched by image-token count. The next units are
-    loaded and preprocessed in the background while the model loads and generates, and `workers` units are
-    generated at once. `on_text` receives the answer as it is generated (one job only). With `constraint`
-    (--schema), the schema goes to the model after each question and each answer is JSON valid against it, or an
-    error record."""
+    loaded and preprocessed in the background (with a processor of that thread's own) while the model loads and
+    generates, and the plan's workers generate that many units at once. `on_text` receives the answer as it is
+    generated (one job only). With `constraint` (--schema), the schema goes to the model after each question and
+    each answer is JSON valid against it, or an error record. Sampling with --seed, each job draws from its own
+    random stream (a batch of several, from its first job's)."""
     from llavanext_cli.pipeline import prefetch_depth, run_pipelined, token_counts
     from llavanext_cli.preprocessing import largest_model_edge, prepare_inputs
 
-    processor = checkpoint.processor
+    processor = checkpoint.preparing_processor  # made here, on this thread, before the background one starts
     draft_edge = largest_model_edge(processor.image_processor) if fast_decode else None
     on_cpu = checkpoint.device_type == "cpu"
     # On a GPU a little padding costs less than a smaller batch; on a CPU every padded token is paid in full.
     tolerance = 0.0 if on_cpu else 0.1
-    # Beam search keeps a cache per beam: prompts share their beginning in greedy and sampled decoding only.
     units = plan_units(jobs, lambda indices: token_counts(processor, [jobs[i].subject.images for i in indices],
                                                           batch_size),
-                       batch_size, tolerance, share=share_prefixes and options.num_beams == 1)
-    workers = max(1, min(workers, len(units)))
+                       batch_size, tolerance, share=plan.share_prefixes)
+    workers = max(1, min(plan.workers, len(units)))
     cancelled = threading.Event()
     if on_cpu:  # before any worker thread starts: each thread takes torch's thread count when it first runs
         from llavanext_cli.concurrency import use_cpu_cores
@@ -144,7 +143,8 @@ def answer_jobs(
         if result.error is not None:
             return Failure(job.subject, result.error, job.extra)
         return Answer(job.subject, job.prompt, result.text, checkpoint.model_id, result.new_tokens, result.seconds,
-                      job.extra, data=result.data if constraint is not None else NO_DATA)
+                      job.extra, data=result.data if constraint is not None else NO_DATA,
+                      prompt_tokens=result.prompt_tokens)
 
     def prepare_batch(indices: list[int], loaded: dict[int, list[Any]]) -> _PreparedBatch:
         failed: dict[int, Record] = {}
@@ -157,7 +157,7 @@ def answer_jobs(
             except InputError as exc:
                 failed[index] = Failure(job.subject, exc.message, job.extra)
         prompts = [render(job, images) for _, job, images in ready]
-        inputs = prepare_inputs(checkpoint, prompts, [images for _, _, images in ready]) if ready else None
+        inputs = prepare_inputs(processor, prompts, [images for _, _, images in ready]) if ready else None
         return _PreparedBatch(failed, ready, prompts, inputs)
 
     def prepare(unit: Unit) -> list[_PreparedBatch | _PreparedGroup]:
@@ -172,7 +172,7 @@ def answer_jobs(
         except InputError as exc:
             return [_PreparedBatch({i: Failure(jobs[i].subject, exc.message, jobs[i].extra) for i in indices}, [],
                                    [], None)]
-        shared = prepare_shared(checkpoint, [render(jobs[i], images) for i in indices], images)
+        shared = prepare_shared(processor, [render(jobs[i], images) for i in indices], images)
         if shared is None:  # the prompts cannot share their beginning: one at a time, the images loaded once
             return [prepare_batch([index], {index: images}) for index in indices]
         return [_PreparedGroup(indices, shared)]
@@ -188,8 +188,8 @@ def answer_jobs(
     def _run_group(group: _PreparedGroup) -> Iterator[tuple[int, Record]]:
         from llavanext_cli.prefix_cache import generate_shared
 
-        results = generate_shared(checkpoint, group.shared, options, rows_per_pass=batch_size, cancelled=cancelled,
-                                  constraint=constraint)
+        results = generate_shared(checkpoint, group.shared, plan, rows_per_pass=batch_size, cancelled=cancelled,
+                                  constraint=constraint, seeds=[plan.seed_for(jobs[i].key()) for i in group.indices])
         for index, result in zip(group.indices, results):
             yield index, record(jobs[index], result)
 
@@ -197,9 +197,9 @@ def answer_jobs(
         yield from batch.failed.items()
         if not batch.ready:
             return
-        results = generate(checkpoint, batch.prompts, [images for _, _, images in batch.ready], options,
+        results = generate(checkpoint, batch.prompts, [images for _, _, images in batch.ready], plan,
                            on_text=on_text if len(jobs) == 1 else None, inputs=batch.inputs, cancelled=cancelled,
-                           constraint=constraint)
+                           constraint=constraint, seed=plan.seed_for(batch.ready[0][1].key()))
         for (index, job, _), result in zip(batch.ready, results):
             yield index, record(job, result)
 
@@ -226,7 +226,7 @@ def read_question_jobs(stream: TextIO, name: str, folder: str = "") -> list[Prom
         try:
             item = json.loads(line)
         except ValueError as exc:
-            raise UsageError(f"{where}: not a JSON object ({exc.msg})") from None
+            raise UsageError(f"{where}: not a JSON object ({exc.msg})") from exc
         if not isinstance(item, dict):
             raise UsageError(f"{where}: expected a JSON object")
         question = item.get("question")

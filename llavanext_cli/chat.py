@@ -21,8 +21,9 @@ from PIL import Image
 
 from llavanext_cli.checkpoint import Checkpoint
 from llavanext_cli.errors import InputError, UsageError
-from llavanext_cli.generation import GenerationOptions, generate
-from llavanext_cli.images import ImageFetching, image_from_bytes, is_url
+from llavanext_cli.generation import generate, is_out_of_memory, release_memory
+from llavanext_cli.plan import ExecutionPlan
+from llavanext_cli.images import ImageFetching, image_from_bytes, is_url, why_unreadable
 from llavanext_cli.prefix_cache import (
     ConversationCache, expand_image_tokens, image_token_id, image_token_runs, process_images, tokenize)
 from llavanext_cli.preprocessing import prepare_inputs
@@ -30,6 +31,8 @@ from llavanext_cli.textfiles import read_text
 from llavanext_cli.writers import write_atomically
 
 Message = dict[str, Any]
+TURN_OUT_OF_MEMORY = ("out of memory: this turn does not fit (the conversation is kept as it was); try /reset, fewer "
+                      "or smaller images, a lower --max-new-tokens, or --quant 4bit")
 
 
 @dataclass
@@ -38,6 +41,8 @@ class ChatReply:
     new_tokens: int
     dropped_turns: int = 0
     reused_tokens: int = 0  # prompt tokens taken from the conversation's cache instead of run again
+    prompt_tokens: int = 0  # prompt tokens run through the model for this turn
+    seconds: float = 0.0
 
 
 @dataclass
@@ -55,12 +60,10 @@ def _bytes_and_digest(source: str, fetching: ImageFetching) -> tuple[bytes, str]
         return data, hashlib.sha256(data).hexdigest()
     try:
         data = Path(source).read_bytes()
-    except FileNotFoundError:
-        raise InputError("no such file") from None
-    except IsADirectoryError:
-        raise InputError("is a directory") from None
-    except PermissionError:
-        raise InputError("permission denied") from None
+    except IsADirectoryError as exc:
+        raise InputError("is a directory") from exc
+    except OSError as exc:
+        raise InputError(why_unreadable(exc)) from exc
     return data, hashlib.sha256(data).hexdigest()
 
 
@@ -69,7 +72,7 @@ class ChatSession:
     """The conversation state. Images attached with `attach` go with the next user turn."""
 
     checkpoint: Checkpoint
-    options: GenerationOptions
+    plan: ExecutionPlan
     fetching: ImageFetching = field(default_factory=ImageFetching)
     system: str | None = None
     messages: list[Message] = field(default_factory=list)
@@ -131,7 +134,7 @@ class ChatSession:
         dropped = 0
         while True:
             prepared = self._prepare(messages)
-            if limit is None or len(prepared[2]) + self.options.max_new_tokens <= limit:
+            if limit is None or len(prepared[2]) + self.plan.options.max_new_tokens <= limit:
                 return messages, dropped, prepared
             user_turns = [i for i, m in enumerate(messages) if m["role"] == "user"]
             if len(user_turns) <= 1:
@@ -144,12 +147,12 @@ class ChatSession:
         """Whether this turn continues from the conversation's cache: in greedy and sampled decoding (beam search
         keeps a cache per beam), and once the ids built here proved equal to the processor's own (checked on the
         first prompt with images; where they differ, every turn runs whole, as the processor prepares it)."""
-        if self.options.num_beams != 1 or not self._cache_usable:
+        if not self.plan.keep_chat_cache or not self._cache_usable:
             return False
         if len(image_token_runs(ids, image_token_id(self.checkpoint.processor))) != len(pictures):
             return False  # two image tags rendered side by side: which tokens are whose is not known here
         if pictures and not self._ids_checked:
-            inputs = prepare_inputs(self.checkpoint, [prompt], [[picture.image for picture in pictures]])
+            inputs = prepare_inputs(self.checkpoint.processor, [prompt], [[picture.image for picture in pictures]])
             self._ids_checked = True
             self._cache_usable = inputs["input_ids"][0].tolist() == ids
         return self._cache_usable
@@ -160,19 +163,30 @@ class ChatSession:
         content = [*self.pending, {"type": "text", "text": text}]
         candidate = [*self.messages, {"role": "user", "content": content}]
         candidate, dropped, (prompt, pictures, ids) = self._fit(candidate)
-        if self._uses_cache(prompt, pictures, ids):
-            result = self._cache.generate(self.checkpoint, ids, [picture.tensors for picture in pictures],
-                                          [picture.sha256 for picture in pictures], self.options, on_text=on_text)
-            reused = self._cache.reused
-        else:
-            images = [picture.image for picture in pictures]
-            [result] = generate(self.checkpoint, [prompt], [images], self.options, on_text=on_text)
-            reused = 0
+        # The turn's own random stream (sampling with --seed): the same conversation gives the same answers.
+        seed = self.plan.seed_for("chat", sum(1 for message in candidate if message["role"] == "user"))
+        try:
+            if self._uses_cache(prompt, pictures, ids):
+                result = self._cache.generate(self.checkpoint, ids, [picture.tensors for picture in pictures],
+                                              [picture.sha256 for picture in pictures], self.plan, on_text=on_text,
+                                              seed=seed)
+                reused = self._cache.reused
+            else:
+                images = [picture.image for picture in pictures]
+                [result] = generate(self.checkpoint, [prompt], [images], self.plan, on_text=on_text, seed=seed)
+                reused = 0
+        except Exception as error:
+            if not is_out_of_memory(error):
+                raise
+            release_memory()
+            raise InputError(TURN_OUT_OF_MEMORY) from error
+        if result.error is not None:  # out of memory, even alone
+            raise InputError(TURN_OUT_OF_MEMORY)
         candidate.append({"role": "assistant", "content": [{"type": "text", "text": result.text}]})
         self.messages = candidate
         self.pending = []
         self._forget_unused_pictures()
-        return ChatReply(result.text, result.new_tokens, dropped, reused)
+        return ChatReply(result.text, result.new_tokens, dropped, reused, result.prompt_tokens, result.seconds)
 
     def _forget_unused_pictures(self) -> None:
         """Keep the tensors of the images still in the conversation only."""
@@ -190,7 +204,7 @@ class ChatSession:
         try:
             write_atomically(Path(path), json.dumps(self.transcript(settings), indent=2, ensure_ascii=False) + "\n")
         except OSError as exc:
-            raise UsageError(f"cannot save to {path}: {exc.strerror or exc}") from None
+            raise UsageError(f"cannot save to {path}: {exc.strerror or exc}") from exc
 
     def load(self, path: Path) -> list[str]:
         """Restore a saved conversation; returns warnings (a missing image is dropped, a changed one is used as
@@ -199,7 +213,7 @@ class ChatSession:
         try:
             data = json.loads(text)
         except ValueError as exc:
-            raise UsageError(f"cannot read transcript {path}: {exc}") from None
+            raise UsageError(f"cannot read transcript {path}: {exc}") from exc
         messages = data.get("messages") if isinstance(data, dict) else None
         if not isinstance(messages, list) or not all(isinstance(m, dict) and m.get("role") in
                                                      ("system", "user", "assistant") for m in messages):

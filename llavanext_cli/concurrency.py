@@ -48,19 +48,6 @@ def use_cpu_cores(workers: int) -> None:
         torch.set_num_threads(wanted)
 
 
-def check_workers(requested: int, sampling_with_seed: bool, compile: bool, source: str = "--workers") -> None:
-    """Refuse, before anything loads, the combinations that more than one worker cannot honour."""
-    if requested <= 1:
-        return
-    if sampling_with_seed:
-        raise UsageError(f"{source} {requested} with --seed and sampling: the workers would draw from one random "
-                         "generator in an unpredictable order, so the seed could not reproduce the answers",
-                         hint="use --workers 1 for reproducible sampling")
-    if compile:
-        raise UsageError(f"{source} {requested} cannot be combined with --compile (one compiled graph runs one "
-                         "batch at a time)", hint="drop --workers, or raise --batch-size instead")
-
-
 def resolve_workers(requested: int, device: str, jobs: int, sampling_with_seed: bool, compile: bool,
                     data_parallel: bool) -> int:
     """The number of workers for a run: what the user asked for (more than one on a CPU only: concurrent

@@ -92,8 +92,12 @@ class Sidecars:
     def has_caption(self, subject: Subject) -> bool:
         """Done already: its caption file exists (and --overwrite was not given)."""
         image = subject.images[0]
-        return (not self.overwrite and not is_url(image) and not _is_its_own_caption_file(image)
-                and sidecar_path(image).is_file())
+        if self.overwrite or is_url(image) or _is_its_own_caption_file(image):
+            return False
+        try:
+            return sidecar_path(image).is_file()
+        except OSError:  # a name the system refuses: the image's own error record says why
+            return False
 
     def refusals(self, subjects: Iterable[Subject]) -> dict[Subject, str]:
         """The subjects that cannot get a caption file, and why, found before any work: URLs (no folder to write
@@ -250,9 +254,10 @@ class ImageFolder:
             return None
         return self._key(names, row.get("prompt"))
 
-    def finished_keys(self) -> set[str]:
-        """The keys of the inputs that have a line already (none with --overwrite: they are all done again)."""
-        return set() if self.overwrite else read_finished_keys(self.metadata, self.row_key)
+    def finished_keys(self, repair: bool = True) -> set[str]:
+        """The keys of the inputs that have a line already (none with --overwrite: they are all done again);
+        `repair`: see writers.read_finished_keys."""
+        return set() if self.overwrite else read_finished_keys(self.metadata, self.row_key, repair)
 
     def keep_last_lines(self) -> None:
         """One line per input: where --overwrite (or a run killed before it could tidy up) left an input with

@@ -56,7 +56,7 @@ def parse_records(name: str, text: str) -> list[SourceRecord]:
             value = json.loads(line)
         except json.JSONDecodeError as exc:
             raise UsageError(f"{name}:{number}: not valid JSON ({exc.msg}, column {exc.colno})",
-                             hint=_RECORD_FILES) from None
+                             hint=_RECORD_FILES) from exc
         if not isinstance(value, dict):
             raise UsageError(f"{name}:{number}: not a JSON object")
         records.append(SourceRecord(value, f"{name}:{number}"))
@@ -86,7 +86,7 @@ def _parse_array(name: str, text: str) -> list[SourceRecord]:
                 value, end = decoder.raw_decode(text, position)
             except json.JSONDecodeError as exc:
                 raise UsageError(f"{name}:{exc.lineno}: not valid JSON ({exc.msg}, column {exc.colno})",
-                                 hint=_RECORD_FILES) from None
+                                 hint=_RECORD_FILES) from exc
             where = f"{name}:{line_at(position)}"
             if not isinstance(value, dict):
                 raise UsageError(f"{where}: not a JSON object")
@@ -114,8 +114,8 @@ def read_records(paths: Iterable[str], stdin: IO[str]) -> list[SourceRecord]:
             name = STDIN_NAME
             try:
                 text = stdin.read()
-            except UnicodeDecodeError:
-                raise UsageError(f"{name}: not UTF-8 text") from None
+            except UnicodeDecodeError as exc:
+                raise UsageError(f"{name}: not UTF-8 text") from exc
         else:
             name = path
             text = read_text(path, "record file")

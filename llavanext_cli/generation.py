@@ -1,8 +1,10 @@
-"""Generating answers for prompts with images: batched with left padding, greedy unless told otherwise, and on an
-accelerator that runs out of memory, the batch halved and retried (never an item dropped)."""
+"""Generating answers for prompts with images: batched with left padding, as the execution plan says (greedy unless
+told otherwise), and out of memory the batch halved and retried, down to one prompt: one that does not fit even
+alone is an error for that prompt, never an item dropped nor a traceback."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 import time
@@ -14,30 +16,8 @@ from PIL import Image
 
 from llavanext_cli.cache_api import with_cache
 from llavanext_cli.checkpoint import Checkpoint
+from llavanext_cli.plan import ExecutionPlan
 from llavanext_cli.preprocessing import prepare_inputs
-
-
-@dataclass(frozen=True)
-class GenerationOptions:
-    max_new_tokens: int = 256
-    temperature: float = 0.0
-    top_p: float = 1.0
-    num_beams: int = 1
-    seed: int | None = None
-
-    @classmethod
-    def from_settings(cls, settings: Any) -> GenerationOptions:
-        return cls(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature, top_p=settings.top_p,
-                   num_beams=settings.num_beams, seed=settings.seed)
-
-    def generate_kwargs(self) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "num_beams": self.num_beams}
-        if self.temperature > 0:
-            kwargs.update(do_sample=True, temperature=self.temperature, top_p=self.top_p)
-        else:
-            # Greedy: also clear any sampling defaults the checkpoint's generation_config carries.
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        return kwargs
 
 
 @dataclass(frozen=True)
@@ -46,93 +26,132 @@ class Generation:
     new_tokens: int
     seconds: float
     data: Any = None           # with a schema: the answer parsed (valid against it)
-    error: str | None = None   # with a schema: why this row has no valid answer (cut short)
+    error: str | None = None   # why this row has no answer (cut short before its JSON closed, out of memory)
+    prompt_tokens: int = 0     # tokens run through the model for this row's prompt (its share of a shared prefix)
+
+
+OUT_OF_MEMORY = ("out of memory, even alone in its batch; try a lower --max-new-tokens, --quant 4bit, "
+                 "--dtype bfloat16, or --device auto to spread the model over more memory")
+# What the allocators say when they run out (CUDA, HIP, XPU; Apple's MPS; the CPU; Habana), wherever they say it.
+_OUT_OF_MEMORY_MESSAGES = (" out of memory", "MPS backend out of memory", "can't allocate memory",
+                           "not enough memory", "PT_DEVMEM Allocation failed", "CUDNN_STATUS_NOT_SUPPORTED")
 
 
 def is_out_of_memory(error: BaseException) -> bool:
-    """An accelerator (or the CPU allocator) ran out of memory: accelerate's test, which knows every backend's
-    message."""
-    from accelerate.utils.memory import should_reduce_batch_size
+    """An accelerator (or the CPU allocator) ran out of memory: torch's OutOfMemoryError, Python's MemoryError, or
+    a RuntimeError in the words of any backend's allocator (MPS's included)."""
+    if isinstance(error, MemoryError):
+        return True
+    out_of_memory_class = _torch_out_of_memory_class()
+    if out_of_memory_class is not None and isinstance(error, out_of_memory_class):
+        return True
+    return isinstance(error, RuntimeError) and any(words in str(error) for words in _OUT_OF_MEMORY_MESSAGES)
 
-    return isinstance(error, Exception) and should_reduce_batch_size(error)
+
+@functools.cache
+def _torch_out_of_memory_class() -> type | None:
+    import torch
+
+    return getattr(torch, "OutOfMemoryError", None)
+
+
+def release_memory() -> None:
+    """After an out-of-memory error: what the failed step left is collected, then the device's cache emptied (CUDA,
+    MPS, ...), so that a retry with less finds the memory free."""
+    import gc
+
+    from accelerate.utils.memory import clear_device_cache
+
+    gc.collect()
+    clear_device_cache()
 
 
 def generate(
     checkpoint: Checkpoint,
     prompts: Sequence[str],
     images: Sequence[Sequence[Image.Image]],
-    options: GenerationOptions,
+    plan: ExecutionPlan,
     on_text: Callable[[str], None] | None = None,
     inputs: Any = None,
     cancelled: threading.Event | None = None,
     constraint: Any = None,
+    seed: int | None = None,
 ) -> list[Generation]:
     """One answer per rendered prompt; `images[i]` are the images of prompt i, in the order of its <image> tags.
     With `on_text` (one prompt only), the answer's text is passed on piece by piece as it is generated.
     `inputs` may carry the batch already prepared by `prepare_inputs`. Once `cancelled` is set, generation stops
     after the current step (the run is being abandoned: what comes back is cut short and must be discarded).
-    With `constraint` (structured.Constraint), each answer is JSON valid against its schema, or an error."""
+    With `constraint` (structured.Constraint), each answer is JSON valid against its schema, or an error. `seed`:
+    the random stream the batch draws from (sampling with --seed). Out of memory, the batch is halved and retried
+    down to one prompt; a prompt that does not fit alone is an error row (OUT_OF_MEMORY), never a traceback."""
     try:
-        return _generate_batch(checkpoint, prompts, images, options, on_text, inputs, cancelled, constraint)
+        return _generate_batch(checkpoint, prompts, images, plan, on_text, inputs, cancelled, constraint, seed)
     except Exception as error:
-        if not is_out_of_memory(error) or len(prompts) == 1:
+        if not is_out_of_memory(error):
             raise
-    # Out of memory: free what the device holds in its cache (CUDA, MPS, ...) and do the same items in two halves.
-    from accelerate.utils.memory import clear_device_cache
-
-    clear_device_cache()
+    release_memory()
+    if len(prompts) == 1:
+        return [Generation(text="", new_tokens=0, seconds=0.0, error=OUT_OF_MEMORY)]
     half = len(prompts) // 2
-    return (generate(checkpoint, prompts[:half], images[:half], options, cancelled=cancelled, constraint=constraint)
-            + generate(checkpoint, prompts[half:], images[half:], options, cancelled=cancelled, constraint=constraint))
+    return (generate(checkpoint, prompts[:half], images[:half], plan, cancelled=cancelled, constraint=constraint,
+                     seed=seed)
+            + generate(checkpoint, prompts[half:], images[half:], plan, cancelled=cancelled, constraint=constraint,
+                       seed=seed))
 
 
 def _generate_batch(checkpoint: Checkpoint, prompts: Sequence[str], images: Sequence[Sequence[Image.Image]],
-                    options: GenerationOptions, on_text: Callable[[str], None] | None, inputs: Any,
-                    cancelled: threading.Event | None, constraint: Any) -> list[Generation]:
+                    plan: ExecutionPlan, on_text: Callable[[str], None] | None, inputs: Any,
+                    cancelled: threading.Event | None, constraint: Any, seed: int | None) -> list[Generation]:
     start = time.perf_counter()
-    if inputs is None:
-        inputs = prepare_inputs(checkpoint, prompts, images)
-    results, _ = generate_from_inputs(checkpoint, inputs, options, on_text=on_text, cancelled=cancelled, start=start,
-                                      constraint=constraint)
+    if inputs is None:  # a halved batch is prepared again, half at a time
+        inputs = prepare_inputs(checkpoint.processor, prompts, images)
+    results, _ = generate_from_inputs(checkpoint, inputs, plan, on_text=on_text, cancelled=cancelled, start=start,
+                                      constraint=constraint, seed=seed)
     return results
 
 
-def generate_from_inputs(checkpoint: Checkpoint, inputs: Any, options: GenerationOptions,
+def generate_from_inputs(checkpoint: Checkpoint, inputs: Any, plan: ExecutionPlan,
                          on_text: Callable[[str], None] | None = None, cancelled: threading.Event | None = None,
-                         past_key_values: Any = None, start: float | None = None,
-                         extra_seconds: float = 0.0, constraint: Any = None) -> tuple[list[Generation], Any]:
+                         cache: Any = None, start: float | None = None, extra_seconds: float = 0.0,
+                         constraint: Any = None, seed: int | None = None,
+                         prompt_tokens: int | None = None) -> tuple[list[Generation], Any]:
     """`model.generate` over prepared tensors (input_ids, attention_mask and the image tensors of the images whose
-    tokens are not in `past_key_values`), continuing from `past_key_values` when given: one Generation per row,
-    and the output sequences (the prompt's ids followed by the new ones). `extra_seconds` is added to each row's
-    time (its share of work done once for several rows, such as a shared prefix). With `constraint`, decoding
-    follows its schema, one matcher per row."""
+    tokens are not in `cache`), continuing from `cache` when given: one Generation per row, and the output sequences
+    (the prompt's ids followed by the new ones). `extra_seconds` is added to each row's time (its share of work done
+    once for several rows, such as a shared prefix); `prompt_tokens`, each row's prompt tokens run here (default: the
+    rows' attended input tokens). With `constraint`, decoding follows its schema, one matcher per row."""
     import torch
 
-    if options.seed is not None:
-        torch.manual_seed(options.seed)
+    from llavanext_cli.loading import eager_forward
+
     start = time.perf_counter() if start is None else start
     inputs = on_model(checkpoint, inputs)
     tokenizer = checkpoint.processor.tokenizer
     rows = inputs["input_ids"].shape[0]
     streamer = _CallbackStreamer(tokenizer, on_text) if on_text is not None and rows == 1 else None
-    extra = {"stopping_criteria": _stop_when_set(cancelled)} if cancelled is not None else {}
-    if past_key_values is not None:
-        extra.update(with_cache(checkpoint.model, past_key_values))
-    stop_ids = _stop_token_ids(checkpoint)
+    kwargs = plan.generate_kwargs(reuses_cache=cache is not None)
+    if cancelled is not None:
+        kwargs["stopping_criteria"] = _stop_when_set(cancelled)
+    if cache is not None:
+        kwargs.update(with_cache(checkpoint.model, cache))
+    stop_ids = set(plan.stop_ids)
     matchers = constraint.logits_processor(rows) if constraint is not None else None
     if matchers is not None:
         from transformers import LogitsProcessorList
 
-        extra["logits_processor"] = LogitsProcessorList([matchers])
+        kwargs["logits_processor"] = LogitsProcessorList([matchers])
         # The grammar ends on the config's and the tokenizer's end-of-sequence ids (known before the weights load);
         # generate must end there too, or a row would go on unconstrained after its JSON.
-        stop_ids = stop_ids | set(constraint.stop_ids)
-        extra["eos_token_id"] = sorted(stop_ids)
-    with torch.inference_mode():
-        output = checkpoint.model.generate(**inputs, pad_token_id=tokenizer.pad_token_id, streamer=streamer,
-                                           **extra, **options.generate_kwargs())
+        stop_ids |= set(constraint.stop_ids)
+        kwargs["eos_token_id"] = sorted(stop_ids)
+    if seed is not None:
+        torch.manual_seed(seed)
+    reusing = eager_forward(checkpoint.model) if cache is not None else contextlib.nullcontext()
+    with torch.inference_mode(), reusing:
+        output = checkpoint.model.generate(**inputs, streamer=streamer, **kwargs)
     seconds = (time.perf_counter() - start) / max(rows, 1) + extra_seconds
     prompt_length = inputs["input_ids"].shape[1]
+    attended = inputs["attention_mask"].sum(-1).tolist() if prompt_tokens is None else [prompt_tokens] * rows
     counts, texts = [], []
     for row in output:
         new = row[prompt_length:]
@@ -146,8 +165,9 @@ def generate_from_inputs(checkpoint: Checkpoint, inputs: Any, options: Generatio
     outcomes = (constraint.outcomes(matchers, output[:, prompt_length:], texts) if matchers is not None
                 else [None] * len(texts))
     results = [Generation(text=text, new_tokens=count, seconds=round(seconds, 4),
-                          data=outcome.data if outcome else None, error=outcome.error if outcome else None)
-               for text, count, outcome in zip(texts, counts, outcomes)]
+                          data=outcome.data if outcome else None, error=outcome.error if outcome else None,
+                          prompt_tokens=int(tokens))
+               for text, count, outcome, tokens in zip(texts, counts, outcomes, attended)]
     return results, output
 
 
@@ -157,13 +177,6 @@ def on_model(checkpoint: Checkpoint, tensors: dict[str, Any]) -> dict[str, Any]:
     if "pixel_values" in moved and moved["pixel_values"].is_floating_point():
         moved["pixel_values"] = moved["pixel_values"].to(checkpoint.model.dtype)
     return moved
-
-
-def _stop_token_ids(checkpoint: Checkpoint) -> set[int]:
-    eos = checkpoint.model.generation_config.eos_token_id
-    if eos is None:
-        eos = checkpoint.processor.tokenizer.eos_token_id
-    return set(eos) if isinstance(eos, (list, tuple)) else {eos}
 
 
 def _stop_when_set(event: threading.Event) -> Any:

@@ -43,25 +43,30 @@ def image_from_bytes(data: bytes, name: str) -> Image.Image:
     return _open(io.BytesIO(data), name)
 
 
+def why_unreadable(error: OSError) -> str:
+    """What the operating system said, as an error record says it: "no such file", "too many levels of symbolic
+    links", "file name too long", "input/output error", ..."""
+    if isinstance(error, FileNotFoundError):
+        return "no such file"
+    text = error.strerror or type(error).__name__
+    return text[:1].lower() + text[1:]
+
+
 def load_image(path: str | Path, draft_edge: int | None = None) -> Image.Image:
     """Open a local image file and return it as RGB. With `draft_edge`, a JPEG much larger than that is decoded
     at a reduced scale (both sides still at least `draft_edge`): faster, with pixels slightly different from a
-    full decode followed by a resize."""
+    full decode followed by a resize. Whatever the operating system refuses (a missing file, a directory, a loop of
+    links, a name too long, an I/O error) is an InputError for this input."""
     path = Path(path)
     try:
         if path.is_dir():
             raise InputError("is a directory")
         if path.stat().st_size == 0:
             raise InputError("empty file")
-    except FileNotFoundError:
-        raise InputError("no such file") from None
-    except PermissionError:
-        raise InputError("permission denied") from None
-    try:
         with open(path, "rb") as handle:
             return _open(handle, str(path), draft_edge)
-    except PermissionError:
-        raise InputError("permission denied") from None
+    except OSError as exc:
+        raise InputError(why_unreadable(exc)) from exc
 
 
 def _open(handle: io.IOBase, name: str, draft_edge: int | None = None) -> Image.Image:
@@ -75,16 +80,16 @@ def _open(handle: io.IOBase, name: str, draft_edge: int | None = None) -> Image.
                 image.load()
                 return _to_rgb(image)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise InputError(f"image too large ({exc})") from None
-    except UnidentifiedImageError:
-        raise InputError("not an image (or a format Pillow cannot read)") from None
+        raise InputError(f"image too large ({exc})") from exc
+    except UnidentifiedImageError as exc:
+        raise InputError("not an image (or a format Pillow cannot read)") from exc
     except Exception as exc:
         # Pillow's readers fail on hostile bytes in many ways (OSError, SyntaxError, struct.error, IndexError,
         # KeyError, TypeError, ... raised while decoding a frame or seeking to the first one): whatever Pillow
         # raises, this input cannot be used. An exception raised by the tool's own code is a bug, and stays one.
         if not _raised_inside_pillow(exc):
             raise
-        raise InputError(f"cannot decode image ({type(exc).__name__}: {exc})") from None
+        raise InputError(f"cannot decode image ({type(exc).__name__}: {exc})") from exc
 
 
 def _raised_inside_pillow(exc: BaseException) -> bool:
@@ -116,16 +121,16 @@ def fetch_url(url: str, timeout: float = DEFAULT_URL_TIMEOUT, max_bytes: int = D
                 raise InputError(f"URL body too large ({int(length):,} bytes, limit {max_bytes:,})")
             data = response.read(max_bytes + 1)
     except urllib.error.HTTPError as exc:
-        raise InputError(f"URL failed: HTTP {exc.code} {exc.reason}") from None
+        raise InputError(f"URL failed: HTTP {exc.code} {exc.reason}") from exc
     except urllib.error.URLError as exc:
         reason = exc.reason
         if isinstance(reason, (socket.timeout, TimeoutError)):
-            raise InputError(f"URL timed out after {timeout:g} s") from None
-        raise InputError(f"URL failed: {reason}") from None
-    except (socket.timeout, TimeoutError):
-        raise InputError(f"URL timed out after {timeout:g} s") from None
+            raise InputError(f"URL timed out after {timeout:g} s") from exc
+        raise InputError(f"URL failed: {reason}") from exc
+    except (socket.timeout, TimeoutError) as exc:
+        raise InputError(f"URL timed out after {timeout:g} s") from exc
     except (OSError, ValueError) as exc:
-        raise InputError(f"URL failed: {exc}") from None
+        raise InputError(f"URL failed: {exc}") from exc
     if len(data) > max_bytes:
         raise InputError(f"URL body too large (over the limit of {max_bytes:,} bytes)")
     return data
@@ -135,18 +140,26 @@ def is_url(text: str) -> bool:
     return text.lower().startswith(("http://", "https://"))
 
 
+OFFLINE_URL = "--offline: a URL is not fetched (download the image first, or drop --offline)"
+
+
 @dataclass(frozen=True)
 class ImageFetching:
-    """How inputs are fetched: the limits on an http(s) URL (seconds a read may wait, bytes it may send)."""
+    """How inputs are fetched: the limits on an http(s) URL (seconds a read may wait, bytes it may send); with
+    `offline` (--offline) a URL is never fetched, and is an error for that input."""
 
     url_timeout: float = DEFAULT_URL_TIMEOUT
     url_max_bytes: int = DEFAULT_URL_MAX_BYTES
+    offline: bool = False
 
     @classmethod
     def from_settings(cls, settings: object) -> ImageFetching:
-        return cls(getattr(settings, "url_timeout"), getattr(settings, "url_max_bytes"))
+        return cls(getattr(settings, "url_timeout"), getattr(settings, "url_max_bytes"),
+                   bool(getattr(settings, "offline", False)))
 
     def fetch(self, url: str) -> bytes:
+        if self.offline:
+            raise InputError(OFFLINE_URL)
         return fetch_url(url, self.url_timeout, self.url_max_bytes)
 
     def load(self, source: str, draft_edge: int | None = None) -> Image.Image:

@@ -116,9 +116,9 @@ def _builtin_mistral_tokenizer_dir(workdir: Path) -> Path:
     """The real Mistral-7B sentencepiece model that the `mistral-common` package ships, as a tokenizer folder."""
     try:
         import mistral_common
-    except ImportError:
+    except ImportError as exc:
         raise SetupError("the built-in tokenizer 'mistral' needs the mistral-common package",
-                         hint="pip install mistral-common, or set 'tokenizer:' to a local tokenizer folder") from None
+                         hint="pip install mistral-common, or set 'tokenizer:' to a local tokenizer folder") from exc
     source = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
     if not source.is_file():
         raise SetupError(f"mistral-common does not ship {source.name} here ({source})")
@@ -162,9 +162,9 @@ def _sub_config(kind: str, overrides: dict[str, Any], default_type: str, prefix:
     model_type = overrides.pop("model_type", default_type)
     try:
         defaults = AutoConfig.for_model(model_type).to_dict()
-    except ValueError:
+    except ValueError as exc:
         raise _field_error(spec_path, f"{prefix}.model_type", f"{model_type!r} is not a {kind} model type "
-                                                              "transformers knows") from None
+                                                              "transformers knows") from exc
     if kind == "vision" and not {"image_size", "patch_size", "hidden_size"} <= set(defaults):
         raise _field_error(spec_path, f"{prefix}.model_type", f"{model_type!r} is not a vision-tower config "
                                                               "(e.g. clip_vision_model, siglip_vision_model)")
@@ -172,7 +172,7 @@ def _sub_config(kind: str, overrides: dict[str, Any], default_type: str, prefix:
     try:
         config = AutoConfig.for_model(model_type, **overrides)
     except Exception as exc:  # transformers validates configs with several exception types (strict dataclasses)
-        raise _field_error(spec_path, prefix, f"is not a valid {model_type} config: {_one_line(exc)}") from None
+        raise _field_error(spec_path, prefix, f"is not a valid {model_type} config: {_one_line(exc)}") from exc
     return config
 
 
@@ -236,7 +236,7 @@ def build_checkpoint(spec_path: Path, out_dir: Path, *, seed: int | None = None,
             config = config_class(vision_config=vision_config, text_config=text_config,
                                   image_token_index=image_token_index, **top)
         except Exception as exc:  # transformers validates configs with several exception types (strict dataclasses)
-            raise _field_error(spec_path, "config", f"is not valid: {_one_line(exc)}") from None
+            raise _field_error(spec_path, "config", f"is not valid: {_one_line(exc)}") from exc
         _check_consistency(config, architecture, spec_path)
         _check_size(config, spec_path, spec.get("dtype", "float32"))
 
@@ -344,7 +344,7 @@ def _smoke_test(model: Any, processor: Any, spec_path: Path) -> None:
         with torch.inference_mode():
             model(**inputs)
     except Exception as exc:  # any failure means the spec describes a model that does not run
-        raise UsageError(f"{spec_path} builds a model that does not run: {_one_line(exc)}") from None
+        raise UsageError(f"{spec_path} builds a model that does not run: {_one_line(exc)}") from exc
 
 
 def _build_processor(architecture: str, config: Any, tokenizer: Any, settings: dict[str, Any], spec_path: Path,

@@ -52,14 +52,30 @@ def _stdin_lines(stream: TextIO) -> list[str]:
     return lines
 
 
+def _is_directory(path: str) -> bool:
+    """A directory to expand; a path the system refuses to look at (a loop of links, a name too long) is not: it is
+    an input, whose error record says why."""
+    try:
+        return Path(path).is_dir()
+    except OSError:
+        return False
+
+
+def _exists(path: str) -> bool:
+    try:
+        return Path(path).exists()
+    except OSError:
+        return True  # there, in some form: the loader reports what is wrong with it
+
+
 def _expand_one(argument: str, recursive: bool, stdin: TextIO | None) -> list[str]:
     if argument == "-":
         return _stdin_lines(stdin or sys.stdin)
     if is_url(argument):
         return [argument]
-    if Path(argument).is_dir():
+    if _is_directory(argument):
         return _directory_images(Path(argument), recursive, argument)
-    if not Path(argument).exists() and _GLOB_CHARS & set(argument):
+    if not _exists(argument) and _GLOB_CHARS & set(argument):
         matches = [m for m in sorted(glob.glob(argument, recursive=recursive)) if Path(m).is_file()]
         if not matches:
             warnings.warn(f"no file matches {argument}", InputWarning, stacklevel=3)
@@ -136,7 +152,7 @@ def expand_with_truth(arguments: Iterable[str], recursive: bool = False,
     expanded: list[str] = []
     roots: list[str] = []
     for argument in arguments:
-        if argument != "-" and not is_url(argument) and Path(argument).is_dir():
+        if argument != "-" and not is_url(argument) and _is_directory(argument):
             roots.append(argument)
             expanded.extend(_class_folder_images(Path(argument), recursive, argument))
         else:

@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from llavanext_cli.errors import LlavaError, SetupError
-from llavanext_cli.loading import UNQUANTIZED_MODULES, is_local_checkpoint, load_config, load_processor
+from llavanext_cli.loading import is_local_checkpoint, load_config, load_processor
+from llavanext_cli.memory import count_parameters, memory_bytes
 from llavanext_cli.prompts import load_registry, match_model_id, resolve_prompt_format, single_image_conversation
 from llavanext_cli.checkpoint import choose_prompt_format
 
@@ -13,7 +14,6 @@ DEFAULT_INSPECT_PROMPT = "What is shown in this image?"
 _VISION_KEYS = ("model_type", "image_size", "patch_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
 _TEXT_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
               "vocab_size", "max_position_embeddings")
-_BYTES_PER_PARAMETER = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
 # Room left on each GPU beyond the weights: activations, the KV cache of a few 2,000-token prompts, the CUDA
@@ -41,8 +41,8 @@ def parse_image_size(text: str) -> tuple[int, int]:
 
     try:
         width, height = (int(part) for part in text.lower().split("x"))
-    except ValueError:
-        raise UsageError(f"--image-size must be WIDTHxHEIGHT (e.g. 640x480), not {text!r}") from None
+    except ValueError as exc:
+        raise UsageError(f"--image-size must be WIDTHxHEIGHT (e.g. 640x480), not {text!r}") from exc
     if width <= 0 or height <= 0:
         raise UsageError(f"--image-size must be positive, not {text!r}")
     return width, height
@@ -50,37 +50,6 @@ def parse_image_size(text: str) -> tuple[int, int]:
 
 def _pick(config: Any, keys: tuple[str, ...]) -> dict[str, Any]:
     return {key: getattr(config, key, None) for key in keys}
-
-
-def count_parameters(config: Any) -> dict[str, int]:
-    """Parameter counts of an empty-weights model built from the config: total, and the Linear weights that
-    --quant would quantize."""
-    import torch
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForImageTextToText
-
-    with init_empty_weights():
-        model = AutoModelForImageTextToText.from_config(config)
-    total = sum(p.numel() for p in model.parameters())
-    quantizable = 0
-    rows = 0
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and not name.startswith(UNQUANTIZED_MODULES):
-            quantizable += module.weight.numel()
-            rows += module.weight.shape[0]
-    return {"total": total, "quantizable": quantizable, "quantizable_rows": rows}
-
-
-def memory_bytes(counts: dict[str, int]) -> dict[str, int]:
-    """Weight memory per dtype and per quantization (the rest of the model kept in 16 bits under --quant)."""
-    total, quantizable = counts["total"], counts["quantizable"]
-    kept = (total - quantizable) * 2
-    memory = {dtype: total * size for dtype, size in _BYTES_PER_PARAMETER.items()}
-    # LLM.int8: one byte a weight plus one float32 scale per output row.
-    memory["8bit"] = kept + quantizable + counts["quantizable_rows"] * 4
-    # 4-bit NF4/FP4: half a byte a weight plus one float32 absmax per block of 64 weights.
-    memory["4bit"] = kept + quantizable // 2 + (quantizable // 64) * 4
-    return memory
 
 
 def image_layout(processor: Any, config: Any, width: int, height: int) -> dict[str, Any]:

@@ -6,10 +6,12 @@ carries is ever imported (`trust_remote_code=False`, `auto_map` refused up front
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -136,6 +138,19 @@ def load_config(model: str, offline: bool = False, need_weights: bool = True) ->
             f"{model} is a {config.model_type!r} checkpoint; llava runs {' and '.join(SUPPORTED_ARCHITECTURES)}"
         )
     return config
+
+
+def load_generation_config(model: str, config: Any, offline: bool = False) -> Any:
+    """The checkpoint's generation_config.json (what `generate` does by default), read before any weight; a checkpoint
+    without one gets the defaults transformers derives from its config, as `from_pretrained` does."""
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(model, local_files_only=offline)
+    except OSError:
+        return GenerationConfig.from_model_config(config)
+    except ValueError as exc:  # a key transformers refuses
+        raise SetupError(f"cannot read the generation config of {model}: {str(exc).splitlines()[0]}") from exc
 
 
 def _number_of_additional_image_tokens(config: Any) -> int:
@@ -293,7 +308,7 @@ def load_planned_model(plan: ModelPlan, offline: bool = False) -> Any:
         loaded = model_class.from_pretrained(plan.model, **plan.kwargs)
     except SafetensorError as exc:
         raise SetupError(f"cannot load {plan.model}: a weights file is damaged ({exc})",
-                         hint="download or copy the checkpoint again") from None
+                         hint="download or copy the checkpoint again") from exc
     except (OSError, ValueError) as exc:
         raise _hub_error(plan.model, offline, exc) from exc
     except ImportError as exc:
@@ -352,20 +367,38 @@ def parse_max_memory(text: str, source: str = "--max-memory") -> dict[int | str,
             raise UsageError(f"{source}: unknown device {device!r} (a GPU number, cpu or disk)")
         try:
             limits[key] = memory_size(amount, source)
-        except UsageError:
+        except UsageError as exc:
             raise UsageError(f"{source} {text!r}: expected DEVICE=AMOUNT pairs such as 0=70GiB,1=70GiB,cpu=200GiB "
-                             f"({amount.strip()!r} is not an amount of memory)") from None
+                             f"({amount.strip()!r} is not an amount of memory)") from exc
     return limits
 
 
 def compile_language_model(model: Any) -> None:
-    """A static KV cache (fixed shapes) and a compiled language-model forward: faster decoding on CUDA once the
-    first batch has paid for compilation. The vision tower, whose shapes vary with each image, stays eager."""
+    """A compiled language-model forward: faster decoding on CUDA, with the static KV cache (fixed shapes) that the
+    execution plan gives plain batches, once the first batch has paid for compilation. The vision tower, whose shapes
+    vary with each image, stays eager; so do the calls that continue from a cache of their own (`eager_forward`)."""
     import torch
 
-    model.generation_config.cache_implementation = "static"
     language_model = model.model.language_model
+    language_model._llava_eager_forward = language_model.forward
     language_model.forward = torch.compile(language_model.forward, mode="reduce-overhead", dynamic=False)
+
+
+@contextlib.contextmanager
+def eager_forward(model: Any) -> Iterator[None]:
+    """The language model's own forward for the duration, where it was compiled: a call that continues from a
+    dynamic cache (growing shapes) would make the fixed-shape compiled graph recompile at every step."""
+    language_model = getattr(getattr(model, "model", None), "language_model", None)
+    eager = getattr(language_model, "_llava_eager_forward", None)
+    if eager is None:
+        yield
+        return
+    compiled = language_model.forward
+    language_model.forward = eager
+    try:
+        yield
+    finally:
+        language_model.forward = compiled
 
 
 def quantized_module_names(model: Any) -> list[str]:

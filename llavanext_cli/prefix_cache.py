@@ -24,8 +24,10 @@ from typing import Any
 
 from PIL import Image
 
-from llavanext_cli.cache_api import cache_of
-from llavanext_cli.generation import Generation, GenerationOptions, generate_from_inputs, is_out_of_memory, on_model
+from llavanext_cli.cache_api import cache_of, with_cache
+from llavanext_cli.generation import (
+    OUT_OF_MEMORY, Generation, generate_from_inputs, is_out_of_memory, on_model, release_memory)
+from llavanext_cli.plan import ExecutionPlan
 from llavanext_cli.preprocessing import identity_image_steps
 
 
@@ -107,11 +109,10 @@ class SharedPrompts:
     prefix_length: int
 
 
-def prepare_shared(checkpoint: Any, prompts: Sequence[str], images: Sequence[Image.Image]) -> SharedPrompts | None:
+def prepare_shared(processor: Any, prompts: Sequence[str], images: Sequence[Image.Image]) -> SharedPrompts | None:
     """The prompts' ids from one processor call (on the first prompt: the image processor runs once per image),
     or None where they cannot share their beginning: the other prompts' expansion would not be the processor's
     (two image tags in a row merge their runs), or the shared part would not hold every image whole."""
-    processor = checkpoint.processor
     image_token = image_token_id(processor)
     skips = identity_image_steps(processor.image_processor)
     first = processor(images=list(images), text=[prompts[0]], return_tensors="pt", **skips)
@@ -128,40 +129,81 @@ def prepare_shared(checkpoint: Any, prompts: Sequence[str], images: Sequence[Ima
     return SharedPrompts(ids, _image_tensors(first), length)
 
 
+def new_cache(checkpoint: Any) -> Any:
+    """An empty dynamic cache for the model, one that can always be cut back: sliding-window layers (Mistral's) keep
+    what falls out of their window until they are cut (the cache stays bounded: by the context in a chat, by one
+    prompt and its answer elsewhere)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=checkpoint.model.config)
+    cache.activate_past_recording()
+    return cache
+
+
+def cut_back(cache: Any, length: int) -> None:
+    """The cache cut back to its first `length` tokens, layer by layer (a step that failed half-way, out of memory,
+    may have grown some layers and not others)."""
+    layers = getattr(cache, "layers", None)
+    if layers is None:  # an older transformers: one length for the whole cache
+        surplus = cache.get_seq_length() - length
+        if surplus > 0:
+            cache.crop(-surplus)
+        return
+    for layer in layers:
+        surplus = layer.get_seq_length() - length
+        if surplus > 0:
+            layer.crop(-surplus)
+
+
 def encode_prefix(checkpoint: Any, shared: SharedPrompts) -> Any:
     """The shared ids (images included) run through the model once: their key/value cache."""
     import torch
 
+    from llavanext_cli.loading import eager_forward
+
     model = checkpoint.model
     prefix = torch.tensor([shared.ids[0][:shared.prefix_length]], device=checkpoint.device)
     tensors = on_model(checkpoint, shared.image_tensors)
-    with torch.inference_mode():
+    cache = new_cache(checkpoint)
+    with torch.inference_mode(), eager_forward(model):
         output = model(input_ids=prefix, attention_mask=torch.ones_like(prefix), use_cache=True, logits_to_keep=1,
-                       **tensors)
+                       **tensors, **with_cache(model, cache))
     return cache_of(output)
 
 
-def generate_shared(checkpoint: Any, shared: SharedPrompts, options: GenerationOptions, rows_per_pass: int = 1,
-                    cancelled: threading.Event | None = None, constraint: Any = None) -> list[Generation]:
-    """One answer per prompt: the shared part encoded once, each prompt continued from a copy of its cache
-    (`rows_per_pass` prompts at a time, over the cache repeated; their differing parts left-padded, with positions
-    that ignore the padding). The shared part's time is split over the prompts."""
+def generate_shared(checkpoint: Any, shared: SharedPrompts, plan: ExecutionPlan, rows_per_pass: int = 1,
+                    cancelled: threading.Event | None = None, constraint: Any = None,
+                    seeds: Sequence[int | None] | None = None) -> list[Generation]:
+    """One answer per prompt: the shared part encoded once, each prompt continued from its cache (`rows_per_pass`
+    prompts at a time, over the cache repeated; their differing parts left-padded, with positions that ignore the
+    padding). One prompt at a time, the cache itself is continued and cut back to the shared part after each, so
+    that the memory held is the shared part's cache and one answer's, however many prompts there are. `seeds[i]`:
+    prompt i's random stream. The shared part's time is split over the prompts. Out of memory, the rows are halved;
+    a prompt that does not fit alone is an error row; a shared part that does not fit fails every prompt."""
     start = time.perf_counter()
-    cache = encode_prefix(checkpoint, shared)
-    share = (time.perf_counter() - start) / len(shared.ids)
-    order = list(range(len(shared.ids)))
-    chunks = [order[i:i + max(rows_per_pass, 1)] for i in range(0, len(order), max(rows_per_pass, 1))]
+    count = len(shared.ids)
+    seeds = list(seeds) if seeds is not None else [None] * count
+    try:
+        cache = encode_prefix(checkpoint, shared)
+    except Exception as error:
+        if not is_out_of_memory(error):
+            raise
+        release_memory()
+        return [Generation(text="", new_tokens=0, seconds=0.0, error=OUT_OF_MEMORY) for _ in range(count)]
+    share = (time.perf_counter() - start) / count
+    step = max(rows_per_pass, 1)
     results: list[Generation] = []
-    for number, chunk in enumerate(chunks):
-        last = number == len(chunks) - 1
-        results += _continue(checkpoint, shared, cache, chunk, options, cancelled, share, last, constraint)
+    for first in range(0, count, step):
+        rows = list(range(first, min(first + step, count)))
+        results += _continue(checkpoint, shared, cache, rows, plan, cancelled, share, constraint, seeds)
     return results
 
 
-def _continue(checkpoint: Any, shared: SharedPrompts, cache: Any, rows: list[int], options: GenerationOptions,
-              cancelled: threading.Event | None, share: float, reuse: bool, constraint: Any) -> list[Generation]:
-    """The prompts `rows` continued from the shared cache (used as it is when `reuse`, else copied); an accelerator
-    out of memory halves the rows and retries them."""
+def _continue(checkpoint: Any, shared: SharedPrompts, cache: Any, rows: list[int], plan: ExecutionPlan,
+              cancelled: threading.Event | None, share: float, constraint: Any,
+              seeds: list[int | None]) -> list[Generation]:
+    """The prompts `rows` continued from the shared cache: one row continues the cache itself (cut back afterwards),
+    several a copy of it repeated over the rows. Out of memory, the rows are halved and retried."""
     import torch
 
     pad = checkpoint.processor.tokenizer.pad_token_id
@@ -176,23 +218,29 @@ def _continue(checkpoint: Any, shared: SharedPrompts, cache: Any, rows: list[int
         input_ids[position, width - rest:] = torch.tensor(ids[length:])
         attention[position, :length] = 1
         attention[position, width - rest:] = 1
+    rows_cache = cache
     try:
-        rows_cache = cache if reuse and len(rows) == 1 else copy.deepcopy(cache)
         if len(rows) > 1:
+            rows_cache = copy.deepcopy(cache)
             rows_cache.batch_repeat_interleave(len(rows))
-        results, _ = generate_from_inputs(checkpoint, {"input_ids": input_ids, "attention_mask": attention}, options,
-                                          cancelled=cancelled, past_key_values=rows_cache, extra_seconds=share,
-                                          constraint=constraint)
+        results, _ = generate_from_inputs(
+            checkpoint, {"input_ids": input_ids, "attention_mask": attention}, plan, cancelled=cancelled,
+            cache=rows_cache, extra_seconds=share, constraint=constraint, seed=seeds[rows[0]],
+            prompt_tokens=max(len(shared.ids[row]) - length for row in rows) + round(length / len(shared.ids)))
         return results
     except Exception as error:
-        if not is_out_of_memory(error) or len(rows) == 1:
+        if not is_out_of_memory(error):
             raise
-    from accelerate.utils.memory import clear_device_cache
-
-    clear_device_cache()
+    finally:
+        if rows_cache is cache:
+            cut_back(cache, length)
+        del rows_cache
+    release_memory()
+    if len(rows) == 1:
+        return [Generation(text="", new_tokens=0, seconds=0.0, error=OUT_OF_MEMORY)]
     half = len(rows) // 2
-    return (_continue(checkpoint, shared, cache, rows[:half], options, cancelled, share, False, constraint)
-            + _continue(checkpoint, shared, cache, rows[half:], options, cancelled, share, reuse, constraint))
+    return (_continue(checkpoint, shared, cache, rows[:half], plan, cancelled, share, constraint, seeds)
+            + _continue(checkpoint, shared, cache, rows[half:], plan, cancelled, share, constraint, seeds))
 
 
 # --- a conversation -------------------------------------------------------------------------------------------
@@ -219,11 +267,11 @@ class ConversationCache:
         self.reused = 0
 
     def generate(self, checkpoint: Any, ids: list[int], images: Sequence[dict[str, Any]], image_keys: Sequence[str],
-                 options: GenerationOptions, on_text: Callable[[str], None] | None = None) -> Generation:
+                 plan: ExecutionPlan, on_text: Callable[[str], None] | None = None,
+                 seed: int | None = None) -> Generation:
         """Answer the prompt `ids`; `images` are the tensors of each image in the prompt, in order, and `image_keys`
         what tells them apart (a digest of the file)."""
         import torch
-        from transformers import DynamicCache
 
         image_token = image_token_id(checkpoint.processor)
         runs = image_token_runs(ids, image_token)
@@ -236,23 +284,18 @@ class ConversationCache:
                 break
         new_images = [tensors for (start, _), tensors in zip(runs, images) if start >= keep]
         if keep and self.cache is not None:
-            surplus = self.cache.get_seq_length() - keep
-            if surplus:
-                self.cache.crop(-surplus)  # transformers 5: a negative count of tokens to remove from the end
+            cut_back(self.cache, keep)
         else:
             keep = 0
-            self.cache = DynamicCache(config=checkpoint.model.config)
-            # Sliding-window layers (Mistral's) would forget what falls out of the window, and a later turn could not
-            # be cut back to before it: keep it (the cache stays bounded by the context: old turns are dropped).
-            self.cache.activate_past_recording()
+            self.cache = new_cache(checkpoint)
         inputs: dict[str, Any] = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones((1, len(ids)),
                                                                                             dtype=torch.long)}
         if new_images:
             inputs.update(stack_image_tensors(new_images))
         self.reused = keep
         try:
-            [result], output = generate_from_inputs(checkpoint, inputs, options, on_text=on_text,
-                                                    past_key_values=self.cache)
+            [result], output = generate_from_inputs(checkpoint, inputs, plan, on_text=on_text, cache=self.cache,
+                                                    seed=seed, prompt_tokens=len(ids) - keep)
         except BaseException:
             self.clear()
             raise

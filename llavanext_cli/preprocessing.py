@@ -10,13 +10,13 @@ from typing import Any
 from PIL import Image
 
 
-def prepare_inputs(checkpoint: Any, prompts: Sequence[str], images: Sequence[Sequence[Image.Image]]) -> Any:
+def prepare_inputs(processor: Any, prompts: Sequence[str], images: Sequence[Sequence[Image.Image]]) -> Any:
     """The processor's tensors for a batch of rendered prompts; `images[i]` are prompt i's images in the order of
-    its image tags. CPU work, safe to run in a background thread while the model works on another batch."""
+    its image tags. CPU work, to run in a background thread while the model works on another batch, with a
+    processor of that thread's own (`Checkpoint.preparing_processor`)."""
     flat_images = [image for group in images for image in group]
-    skips = identity_image_steps(checkpoint.processor.image_processor) if flat_images else {}
-    return checkpoint.processor(images=flat_images or None, text=list(prompts), padding=True, return_tensors="pt",
-                                **skips)
+    skips = identity_image_steps(processor.image_processor) if flat_images else {}
+    return processor(images=flat_images or None, text=list(prompts), padding=True, return_tensors="pt", **skips)
 
 
 def identity_image_steps(image_processor: Any) -> dict[str, bool]:

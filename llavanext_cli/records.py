@@ -70,6 +70,7 @@ class Answer:
     seconds: float
     extra: Mapping[str, Any] = field(default_factory=dict)
     data: Any = NO_DATA
+    prompt_tokens: int = field(default=0, compare=False)  # the tokens its prompt ran through the model (-v's figures)
 
     ok = True
 

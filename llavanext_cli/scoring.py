@@ -3,8 +3,8 @@
 For label L the scored text is `prompt + L`, with one space between them unless the prompt ends in whitespace; its
 score is the sum (or, with normalize="mean", the mean) of the log-probabilities of the tokens after the prompt's
 tokens, and the label probabilities are the softmax of the scores. Each image and prompt run through the model
-once: the prompt's KV cache is expanded over the labels, and every label continuation is scored in one batched
-forward pass on top of it.
+once; each label's tokens then continue from the prompt's KV cache, which is cut back after each label, so that
+memory does not grow with the number of labels.
 """
 
 from __future__ import annotations
@@ -21,9 +21,6 @@ from llavanext_cli.errors import InputError, UsageError
 from llavanext_cli.images import ImageFetching
 from llavanext_cli.prompts import single_image_conversation
 from llavanext_cli.records import Classification, Failure, Record, Subject, classification_key
-
-# Label rows scored per forward pass on top of one prompt (bounds the expanded KV cache and the logits).
-MAX_LABEL_ROWS = 64
 
 
 def parse_labels(text: str | None = None, lines: Sequence[str] | None = None) -> list[str]:
@@ -129,8 +126,13 @@ def score_labels(
     labels: Sequence[str],
     normalize: str = "sum",
 ) -> list[LabelScores]:
-    """Scores of every label for every image; the images run through the model together, once."""
+    """Scores of every label for every image. The images and the prompt run through the model together, once; then
+    each label's tokens continue from that cache, which is cut back to the prompt after each label: the memory held
+    is the prompt's cache and one label's tokens, whatever the number of labels."""
     import torch
+
+    from llavanext_cli.loading import eager_forward
+    from llavanext_cli.prefix_cache import cut_back, new_cache
 
     processor = checkpoint.processor
     tokenizer = processor.tokenizer
@@ -140,34 +142,32 @@ def score_labels(
         continuations = label_continuations(tokenizer, prompt, labels)
     except _BoundaryMerge as merge:
         raise UsageError(f"label {merge.label!r} merges with the end of the prompt when tokenized",
-                         hint="end the prompt with a space or punctuation, or change the label") from None
+                         hint="end the prompt with a space or punctuation, or change the label") from merge
 
     from llavanext_cli.preprocessing import prepare_inputs
 
-    inputs = prepare_inputs(checkpoint, [prompt] * len(images), [[image] for image in images])
+    inputs = prepare_inputs(processor, [prompt] * len(images), [[image] for image in images])
     inputs = inputs.to(model.device)
     if inputs["pixel_values"].is_floating_point():
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
     mask = inputs["attention_mask"]
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    with torch.inference_mode():
-        out = model(**inputs, position_ids=positions, use_cache=True, logits_to_keep=1)
-    first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (images, vocab)
-    prompt_cache = cache_of(out)
-    prompt_lengths = mask.sum(-1)
-
-    count = len(images)
-    totals = torch.zeros(count, len(labels), dtype=torch.float64)
-    for index, tokens in enumerate(continuations):
-        totals[:, index] = first[:, tokens[0]].double().cpu()
-    longest = max(len(tokens) for tokens in continuations)
-    if longest > 1:
-        chunk = max(1, MAX_LABEL_ROWS // count)
-        for start in range(0, len(labels), chunk):
-            part = continuations[start:start + chunk]
-            totals[:, start:start + len(part)] += _continuation_log_probs(
-                model, prompt_cache, mask, prompt_lengths, part, tokenizer.pad_token_id, last_chunk=start + chunk
-                >= len(labels))
+    cache = new_cache(checkpoint)
+    with torch.inference_mode(), eager_forward(model):
+        out = model(**inputs, position_ids=positions, use_cache=True, logits_to_keep=1, **with_cache(model, cache))
+        first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (images, vocab)
+        del out
+        prompt_length = mask.shape[1]
+        prompt_lengths = mask.sum(-1)
+        count = len(images)
+        totals = torch.zeros(count, len(labels), dtype=torch.float64)
+        for index, tokens in enumerate(continuations):
+            totals[:, index] = first[:, tokens[0]].double().cpu()
+            if len(tokens) > 1:
+                try:
+                    totals[:, index] += _continuation_log_probs(model, cache, mask, prompt_lengths, tokens)
+                finally:
+                    cut_back(cache, prompt_length)
     lengths = torch.tensor([len(tokens) for tokens in continuations], dtype=torch.float64)
     if normalize == "mean":
         totals = totals / lengths
@@ -178,41 +178,22 @@ def score_labels(
     return results
 
 
-def _continuation_log_probs(model: Any, prompt_cache: Any, prompt_mask: Any, prompt_lengths: Any,
-                            continuations: Sequence[Sequence[int]], pad_id: int, last_chunk: bool) -> Any:
-    """Sum of log p(token j | prompt, tokens < j) for j >= 1 of each continuation, on top of the prompt cache.
-    Returns (images, labels) float64."""
-    import copy
-
+def _continuation_log_probs(model: Any, cache: Any, prompt_mask: Any, prompt_lengths: Any,
+                            tokens: Sequence[int]) -> Any:
+    """Sum of log p(token j | prompt, tokens < j) for j >= 1 of one label's tokens, for every image, continuing from
+    the prompt's cache (which this grows by the label's tokens: the caller cuts it back). Returns (images,) float64."""
     import torch
 
     count = prompt_mask.shape[0]
-    labels = len(continuations)
-    width = max(len(tokens) for tokens in continuations) - 1  # the last token is only ever a target
-    if width == 0:
-        return torch.zeros(count, labels, dtype=torch.float64)
     device = prompt_mask.device
-    inputs = torch.full((labels, width), pad_id if pad_id is not None else 0, dtype=torch.long)
-    targets = torch.zeros(labels, width, dtype=torch.long)
-    valid = torch.zeros(labels, width, dtype=torch.bool)
-    for row, tokens in enumerate(continuations):
-        feed = tokens[:-1]
-        inputs[row, :len(feed)] = torch.tensor(feed)
-        targets[row, :len(feed)] = torch.tensor(tokens[1:])
-        valid[row, :len(feed)] = True
-    cache = prompt_cache if last_chunk else copy.deepcopy(prompt_cache)
-    cache.batch_repeat_interleave(labels)  # row i * labels + k: image i, label k
-    ids = inputs.repeat(count, 1).to(device)
-    attention = torch.cat([prompt_mask.repeat_interleave(labels, dim=0), valid.repeat(count, 1).to(device).long()],
-                          dim=-1)
-    positions = prompt_lengths.repeat_interleave(labels)[:, None] + torch.arange(width, device=device)[None, :]
-    with torch.inference_mode():
-        logits = model(input_ids=ids, attention_mask=attention, position_ids=positions,
-                       use_cache=True, **with_cache(model, cache)).logits
-    log_probs = torch.log_softmax(logits.float(), dim=-1)
-    picked = log_probs.gather(-1, targets.repeat(count, 1).to(device)[..., None])[..., 0]
-    picked = picked.masked_fill(~valid.repeat(count, 1).to(device), 0.0)
-    return picked.sum(-1).double().cpu().view(count, labels)
+    feed = torch.tensor([list(tokens[:-1])] * count, device=device)  # the last token is only ever a target
+    targets = torch.tensor([list(tokens[1:])] * count, device=device)
+    attention = torch.cat([prompt_mask, torch.ones_like(feed)], dim=-1)
+    positions = prompt_lengths[:, None] + torch.arange(feed.shape[1], device=device)[None, :]
+    logits = model(input_ids=feed, attention_mask=attention, position_ids=positions, use_cache=True,
+                   **with_cache(model, cache)).logits
+    picked = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[..., None])[..., 0]
+    return picked.sum(-1).double().cpu()
 
 
 def classify_inputs(
@@ -225,7 +206,8 @@ def classify_inputs(
     fetching: ImageFetching = ImageFetching(),
 ) -> Iterator[Record]:
     """One record per job, in order: a Classification, or a Failure for an image that cannot be read (both with
-    the job's truth, where it has one)."""
+    the job's truth, where it has one). Out of memory, a batch of images is halved and scored again, down to one
+    image; an image that does not fit alone is an error record ("out of memory ..."), and the run goes on."""
     checkpoint.load()  # before any record: a checkpoint that fails to load writes none
     for start in range(0, len(jobs), batch_size):
         batch = jobs[start:start + batch_size]
@@ -237,9 +219,29 @@ def classify_inputs(
                 records.append(None)
             except InputError as exc:
                 records.append(job.failure(exc.message))
-        if ready:
-            results = score_labels(checkpoint, [image for _, _, image in ready], question, labels, normalize)
-            for (index, job, _), result in zip(ready, results):
-                records[index] = Classification(job.subject, result.label, result.scores, checkpoint.model_id,
-                                                truth=job.truth)
+        for (index, job, _), result in zip(ready, _score_halving(checkpoint, ready, question, labels, normalize)):
+            records[index] = (job.failure(result) if isinstance(result, str) else
+                              Classification(job.subject, result.label, result.scores, checkpoint.model_id,
+                                             truth=job.truth))
         yield from (record for record in records if record is not None)
+
+
+def _score_halving(checkpoint: Checkpoint, ready: list[tuple[int, LabelJob, Image.Image]], question: str,
+                   labels: Sequence[str], normalize: str) -> list[LabelScores | str]:
+    """score_labels over these images; out of memory, over each half in turn, down to one image, whose result is
+    then the error's message."""
+    from llavanext_cli.generation import OUT_OF_MEMORY, is_out_of_memory, release_memory
+
+    if not ready:
+        return []
+    try:
+        return list(score_labels(checkpoint, [image for _, _, image in ready], question, labels, normalize))
+    except Exception as error:
+        if not is_out_of_memory(error):
+            raise
+    release_memory()
+    if len(ready) == 1:
+        return [OUT_OF_MEMORY]
+    half = len(ready) // 2
+    return (_score_halving(checkpoint, ready[:half], question, labels, normalize)
+            + _score_halving(checkpoint, ready[half:], question, labels, normalize))

@@ -69,6 +69,7 @@ _SPECS: dict[str, _Spec] = {
     "fast_decode": _Spec(bool),
     "compile": _Spec(bool),
     "max_memory": _Spec(str, nullable=True, check=_check_max_memory),
+    "memory_check": _Spec(bool),
 }
 
 SETTING_NAMES: tuple[str, ...] = tuple(_SPECS)
@@ -107,6 +108,7 @@ class Settings:
     fast_decode: bool
     compile: bool
     max_memory: str | None
+    memory_check: bool
     sources: dict[str, str] = field(default_factory=dict, compare=False)
 
     def as_dict(self) -> dict[str, Any]:
@@ -168,9 +170,9 @@ def _parse_env_value(key: str, raw: str, source: str) -> Any:
             return int(raw)
         if spec.kind is float:
             return float(raw)
-    except ValueError:
+    except ValueError as exc:
         kind = {bool: "true or false", int: "an integer", float: "a number"}[spec.kind]
-        raise UsageError(f"{source}: must be {kind}, not {raw!r}") from None
+        raise UsageError(f"{source}: must be {kind}, not {raw!r}") from exc
     return raw
 
 

@@ -7,6 +7,7 @@ process group itself (rank, world size, the barrier) is accelerate's `PartialSta
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 from collections.abc import Callable, Iterable, Sequence
@@ -48,7 +49,7 @@ def shard_path(output: Path, rank: int) -> Path:
 
 def existing_shards(output: Path) -> list[Path]:
     """Every shard file next to the output, from this run or from an interrupted one (any world size)."""
-    return sorted(output.parent.glob(f"{output.name}.rank*.part"))
+    return sorted(output.parent.glob(f"{glob.escape(output.name)}.rank*.part"))
 
 
 def my_share(jobs: Sequence[Any], parallel: Any) -> list[tuple[int, Any]]:

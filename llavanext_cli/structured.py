@@ -152,7 +152,7 @@ def _json(text: str, where: str) -> Any:
     try:
         return json.loads(text)
     except ValueError as exc:
-        raise UsageError(f"{where}: not JSON ({exc})") from None
+        raise UsageError(f"{where}: not JSON ({exc})") from exc
 
 
 def check_enforceable(schema: Any, path: str = "$") -> None:
@@ -227,11 +227,6 @@ class AnswerSchema:
         """The text of the user's turn: the question, then the instruction."""
         return f"{question}\n{self.instruction()}"
 
-    def check_generation(self, num_beams: int) -> None:
-        if num_beams > 1:
-            raise UsageError("--schema cannot be combined with --num-beams (each beam would need its own matcher)",
-                             hint="drop --num-beams; greedy decoding or sampling works with --schema")
-
     def validator(self) -> Any:
         import jsonschema
 
@@ -281,12 +276,12 @@ def _engine_tokenizer(tokenizer: Any, vocab: int, stops: tuple[int, ...]) -> Any
     try:
         import llguidance.hf
     except ImportError as exc:
-        raise SetupError(f"--schema needs the llguidance package ({exc})", hint="pip install llguidance") from None
+        raise SetupError(f"--schema needs the llguidance package ({exc})", hint="pip install llguidance") from exc
     try:
         return llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab, eos_token=list(stops))
     except ValueError as exc:  # "Only fast tokenizers are supported"
         raise SetupError(f"--schema cannot use this checkpoint's tokenizer: {exc}",
-                         hint="it needs a fast (tokenizers-backed) tokenizer, a tokenizer.json") from None
+                         hint="it needs a fast (tokenizers-backed) tokenizer, a tokenizer.json") from exc
 
 
 @functools.lru_cache(maxsize=64)
@@ -297,7 +292,7 @@ def _grammar(schema_text: str, engine: Any) -> str:
     try:
         grammar = LLMatcher.grammar_from_json_schema(schema_text, overrides=_JSON_OPTIONS)
     except ValueError as exc:
-        raise UsageError(f"--schema cannot be enforced: {str(exc).splitlines()[0]}") from None
+        raise UsageError(f"--schema cannot be enforced: {str(exc).splitlines()[0]}") from exc
     failed, messages = LLMatcher.validate_grammar_with_warnings(grammar, engine)
     if failed:  # "Unimplemented keys", "Unsatisfiable schema", ...
         raise UsageError(f"--schema cannot be enforced: {messages[0].splitlines()[0]}")
@@ -355,8 +350,7 @@ class Constraint:
 
 @functools.cache
 def _processor_class() -> type:
-    """The logits processor class, made once (transformers and numpy are imported on the --schema path only)."""
-    import numpy as np
+    """The logits processor class, made once (transformers is imported on the --schema path only)."""
     import torch
     from llguidance import LLMatcher
     from transformers import LogitsProcessor
@@ -369,20 +363,29 @@ def _processor_class() -> type:
         token is the one it sampled at the previous step, whatever its padding. It is fed to the row's matcher,
         then the row's logits are masked with what the matcher allows next. A row that has produced its stop token
         is left alone (generate() pads it); a row whose matcher failed may only stop. The last token generated is
-        never shown to a processor: `finish` feeds the rest and tells how each row ended."""
+        never shown to a processor: `finish` feeds the rest and tells how each row ended.
+
+        The matchers write llguidance's packed bitmask (one bit a token, 32 tokens an int32 word) into a host
+        tensor; it goes to the logits' device as it is (a 32nd of a boolean mask), and is unpacked and applied there,
+        in place. (llguidance.torch's own `apply_token_bitmask_inplace` is the same arithmetic under torch.compile,
+        whose first call takes about 30 s on a CPU: too much for a command-line tool that starts every run.)"""
 
         def __init__(self, engine: Any, grammar: str, rows: int, stop_ids: Sequence[int]):
             self.matchers = [LLMatcher(engine, grammar, log_level=0) for _ in range(rows)]
             self.vocab = engine.vocab_size
             self.stop_ids = set(stop_ids)
-            self.bitmask = np.full((rows, (self.vocab + 31) // 32), -1, dtype=np.int32)
-            self.stop_only = np.zeros(self.bitmask.shape[1], dtype=np.int32)
+            words = (self.vocab + 31) // 32
+            self.bitmask = torch.full((rows, words), -1, dtype=torch.int32,
+                                      pin_memory=torch.cuda.is_available())
+            stop_only = torch.zeros(words, dtype=torch.int64)
             for token in stop_ids:
-                self.stop_only.view(np.uint32)[token // 32] |= np.uint32(1 << (token % 32))
+                stop_only[token // 32] |= 1 << (token % 32)
+            self.stop_only = stop_only.to(torch.int32)  # two's complement wrap of bit 31, as llguidance's words
             self.consumed = [0] * rows
             self.ended = [False] * rows
             self.failed = [False] * rows
             self.started = False
+            self._bits: dict[Any, Any] = {}
 
         def _consume(self, row: int, token: int) -> None:
             if self.matchers[row].consume_token(token):
@@ -395,11 +398,19 @@ def _processor_class() -> type:
             rows = len(self.matchers)
             if input_ids.shape[0] != rows:
                 raise RuntimeError(f"a schema processor made for {rows} rows got {input_ids.shape[0]}")
-            if self.started:
-                for row, token in enumerate(input_ids[:, -1].tolist()):
+            active = self._advance(input_ids[:, -1].tolist() if self.started else None)
+            self.started = True
+            if active:
+                self._mask(scores, active)
+            return scores
+
+        def _advance(self, tokens: list[int] | None) -> list[int]:
+            """Feed each row the token it chose at the last step (None: the first step), then compute what each
+            row allows next; the rows still constrained."""
+            if tokens is not None:
+                for row, token in enumerate(tokens):
                     if not (self.ended[row] or self.failed[row]):
                         self._consume(row, token)
-            self.started = True
             active = []
             for row, matcher in enumerate(self.matchers):
                 if self.ended[row]:
@@ -407,29 +418,46 @@ def _processor_class() -> type:
                 if self.failed[row]:
                     self.bitmask[row] = self.stop_only
                 else:
-                    mask = self.bitmask[row]
-                    matcher.unsafe_compute_mask_ptr(mask.ctypes.data, mask.nbytes)
+                    words = self.bitmask[row]
+                    matcher.unsafe_compute_mask_ptr(words.data_ptr(), words.numel() * words.element_size())
                 active.append(row)
-            if active:
-                self._mask(scores, active)
-            return scores
+            return active
 
         def _mask(self, scores: Any, active: list[int]) -> None:
             """scores[row, token] = -inf where the row's bit for the token is 0 (token t is bit t % 32 of the
-            little-endian word t // 32); columns past the tokenizer's vocabulary always."""
-            allowed = np.unpackbits(self.bitmask[active].view(np.uint8), axis=-1, bitorder="little")
-            width = scores.shape[1]
-            if allowed.shape[1] < width:
-                allowed = np.pad(allowed, ((0, 0), (0, width - allowed.shape[1])))
-            blocked = allowed[:, :width] == 0
+            little-endian word t // 32), on the scores' device; columns past the tokenizer's vocabulary always."""
             if scores.device.type == "cpu" and scores.is_contiguous() and scores.dtype == torch.float32:
-                view = scores.numpy()  # the same memory; putmask is ten times faster than boolean indexing here
-                for position, row in enumerate(active):
-                    np.putmask(view[row], blocked[position], -np.inf)
+                self._mask_on_the_host(scores, active)
+                return
+            device = scores.device
+            if device not in self._bits:
+                self._bits[device] = torch.arange(32, dtype=torch.int32, device=device)
+            every = len(active) == scores.shape[0]
+            packed = (self.bitmask if every else self.bitmask[active]).to(device, non_blocking=True)
+            allowed = ((packed.unsqueeze(-1) >> self._bits[device]) & 1).flatten(1).bool()
+            width = scores.shape[1]
+            if allowed.shape[1] < width:  # logits wider than the vocabulary: those columns are never allowed
+                allowed = torch.nn.functional.pad(allowed, (0, width - allowed.shape[1]))
+            blocked = ~allowed[:, :width]
+            if every:
+                scores.masked_fill_(blocked, float("-inf"))
             else:
-                index = torch.tensor(active, device=scores.device)
-                mask = torch.from_numpy(blocked).to(scores.device)
-                scores[index] = scores[index].masked_fill(mask, float("-inf"))
+                index = torch.tensor(active, device=device)
+                scores[index] = scores[index].masked_fill(blocked, float("-inf"))
+
+        def _mask_on_the_host(self, scores: Any, active: list[int]) -> None:
+            """The same where the logits are on the CPU already: numpy unpacks and masks in place, in a third of the
+            time torch's element-wise operations take on one row of 32k."""
+            import numpy as np
+
+            view = scores.numpy()  # the same memory
+            packed = self.bitmask.numpy()
+            width = view.shape[1]
+            for row in active:
+                allowed = np.unpackbits(packed[row].view(np.uint8), bitorder="little")
+                if allowed.shape[0] < width:
+                    allowed = np.pad(allowed, (0, width - allowed.shape[0]))
+                np.putmask(view[row], allowed[:width] == 0, -np.inf)
 
         def finish(self, new_tokens: Any) -> list[str]:
             """Feed each row the tokens it generated that its matcher has not seen; how each row ended: "complete"

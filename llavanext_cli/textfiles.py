@@ -15,11 +15,11 @@ def read_text(path: str | Path, what: str, error: type[Exception] = UsageError) 
     passes SetupError: exit 3)."""
     try:
         return Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise error(f"{what} not found: {path}") from None
-    except IsADirectoryError:
-        raise error(f"{what} {path} is a directory, not a file") from None
-    except UnicodeDecodeError:
-        raise error(f"cannot read {what} {path}: not UTF-8 text") from None
+    except FileNotFoundError as exc:
+        raise error(f"{what} not found: {path}") from exc
+    except IsADirectoryError as exc:
+        raise error(f"{what} {path} is a directory, not a file") from exc
+    except UnicodeDecodeError as exc:
+        raise error(f"cannot read {what} {path}: not UTF-8 text") from exc
     except OSError as exc:
-        raise error(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+        raise error(f"cannot read {what} {path}: {exc.strerror or exc}") from exc

@@ -112,7 +112,7 @@ class RecordSink:
             else:
                 stream = open(output, "w", encoding="utf-8", newline="")
         except OSError as exc:
-            raise UsageError(f"cannot write -o {output}: {exc.strerror or exc}") from None
+            raise UsageError(f"cannot write -o {output}: {exc.strerror or exc}") from exc
         return RecordWriter(stream, self.fmt, many=self.many, with_prompt=self.with_prompt)
 
     def write(self, record: Record) -> None:
@@ -133,6 +133,8 @@ class RecordSink:
         try:
             if complete or self._temporary is None:
                 self._writer.finish()
+            if complete and self._temporary is not None:
+                os.fsync(stream.fileno())  # on the disk before the rename, as write_atomically
         finally:
             if stream is not sys.stdout:
                 stream.close()
@@ -170,6 +172,8 @@ def write_atomically(path: Path, text: str) -> None:
     try:
         with open(temporary, "w", encoding="utf-8", newline="") as handle:
             handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())  # on the disk before the rename: a crash leaves the old file or the new one
         os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)
@@ -184,7 +188,7 @@ def check_writable(path: Path) -> None:
         with open(path, "a", encoding="utf-8"):
             pass
     except OSError as exc:
-        raise UsageError(f"cannot write -o {path}: {exc.strerror or exc}") from None
+        raise UsageError(f"cannot write -o {path}: {exc.strerror or exc}") from exc
     if not existed:
         path.unlink(missing_ok=True)
 
@@ -213,22 +217,30 @@ def end_on_a_whole_line(path: Path) -> None:
             handle.write(b"\n")
 
 
-def read_finished_keys(path: Path, key_of: Callable[[JsonRecord], str | None]) -> set[str]:
-    """--resume: the keys of the success records already in a jsonl file (which is made to end on a whole line,
-    so that appending continues on a clean one)."""
+def read_finished_keys(path: Path, key_of: Callable[[JsonRecord], str | None], repair: bool = True) -> set[str]:
+    """--resume: the keys of the success records already in a jsonl file, which (with `repair`) is first made to end
+    on a whole line, so that appending continues on a clean one; without, a last line cut off is left out (a
+    data-parallel run's other processes read what its main one repaired)."""
     if not path.exists():
         return set()
-    end_on_a_whole_line(path)
+    if repair:
+        end_on_a_whole_line(path)
     data = path.read_bytes()
     keys = set()
-    for number, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), start=1):
+    lines = data.decode("utf-8", errors="replace").splitlines()
+    if lines and not data.endswith(b"\n"):
+        try:
+            json.loads(lines[-1])
+        except ValueError:
+            lines.pop()  # cut off by an interruption: not a record
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
-        except ValueError:
+        except ValueError as exc:
             raise UsageError(f"--resume: {path}:{number} is not a JSON record",
-                             hint="resume needs the jsonl file a previous run wrote") from None
+                             hint="resume needs the jsonl file a previous run wrote") from exc
         key = key_of(record) if isinstance(record, dict) else None
         if key is not None:
             keys.add(key)
@@ -252,11 +264,11 @@ class OutputLock:
         self._lock: Any = FileLock(lock_path(path), timeout=0)
         try:
             self._lock.acquire()
-        except Timeout:
+        except Timeout as exc:
             raise UsageError(f"another llava run is writing to {path}",
-                             hint="wait for it to finish, or choose another -o file") from None
+                             hint="wait for it to finish, or choose another -o file") from exc
         except OSError as exc:
-            raise UsageError(f"cannot write -o {path}: {exc.strerror or exc}") from None
+            raise UsageError(f"cannot write -o {path}: {exc.strerror or exc}") from exc
 
     def release(self) -> None:
         if self._lock is not None:

@@ -28,4 +28,4 @@ def read_yaml(path: Path, what: str) -> Any:
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise SetupError(f"{what} {path} is not valid YAML: {yaml_problem(exc)}") from None
+        raise SetupError(f"{what} {path} is not valid YAML: {yaml_problem(exc)}") from exc

@@ -290,13 +290,13 @@ def test_plan_batches_groups_equal_token_counts_and_keeps_every_input():
 def test_prefetch_matches_no_prefetch_and_fast_decode_runs(tiny_next, mixed_folder):
     from llavanext_cli.answering import PromptJob, answer_jobs
     from llavanext_cli.checkpoint import open_checkpoint
-    from llavanext_cli.generation import GenerationOptions
+    from llavanext_cli.plan import GenerationOptions, plan_execution
     from llavanext_cli.records import Subject
     from llavanext_cli.settings import load_settings
 
     checkpoint = open_checkpoint(load_settings({"model": str(tiny_next)}, env={}))
     jobs = [PromptJob(Subject.of(str(p)), PROMPT) for p in sorted(mixed_folder.iterdir())]
-    options = GenerationOptions(max_new_tokens=4)
+    options = plan_execution(checkpoint, GenerationOptions(max_new_tokens=4))
     plain = list(answer_jobs(checkpoint, jobs, options, batch_size=2, prefetch=False))
     ahead = list(answer_jobs(checkpoint, jobs, options, batch_size=2, prefetch=True))
     assert [r.text for r in plain] == [r.text for r in ahead]
@@ -319,20 +319,20 @@ def test_fast_decode_reduces_large_jpegs_only(tmp_path):
     assert load_image(tmp_path / "big.png", draft_edge=1008).size == (4000, 3000)
 
 
-def test_out_of_memory_halves_the_batch_and_drops_nothing(tiny_next, mixed_folder):
+def test_out_of_memory_halves_the_batch_and_drops_nothing(tiny_next, mixed_folder, tmp_path):
     """Simulated: the model 'runs out of memory' on batches of more than one; every item still gets its answer,
     the same as without the error."""
     import torch
 
     from llavanext_cli.answering import PromptJob, answer_jobs
     from llavanext_cli.checkpoint import open_checkpoint
-    from llavanext_cli.generation import GenerationOptions
+    from llavanext_cli.plan import GenerationOptions, plan_execution
     from llavanext_cli.records import Subject
     from llavanext_cli.settings import load_settings
 
     checkpoint = open_checkpoint(load_settings({"model": str(tiny_next)}, env={}))
     jobs = [PromptJob(Subject.of(str(p)), PROMPT) for p in sorted(mixed_folder.iterdir())]
-    options = GenerationOptions(max_new_tokens=4)
+    options = plan_execution(checkpoint, GenerationOptions(max_new_tokens=4))
     expected = [r.text for r in answer_jobs(checkpoint, jobs, options, batch_size=1)]
     real_generate = checkpoint.model.generate
     sizes = []
@@ -344,8 +344,14 @@ def test_out_of_memory_halves_the_batch_and_drops_nothing(tiny_next, mixed_folde
         return real_generate(**kwargs)
 
     checkpoint.model.generate = flaky_generate
-    # Equal token counts make real batches: give every job the same image.
-    same = [PromptJob(Subject.of(str(mixed_folder / "chelsea.png")), PROMPT)] * 4
+    # Equal token counts make real batches: four different pictures of one size (four jobs about the same image would
+    # be one unit sharing its prefix, which is not generate's halving).
+    from PIL import Image, ImageOps
+
+    cat = Image.open(mixed_folder / "chelsea.png").convert("RGB")
+    for name, picture in (("a", cat), ("b", ImageOps.mirror(cat)), ("c", ImageOps.flip(cat)), ("d", ImageOps.invert(cat))):
+        picture.save(tmp_path / f"{name}.png")
+    same = [PromptJob(Subject.of(str(tmp_path / f"{name}.png")), PROMPT) for name in "abcd"]
     records = list(answer_jobs(checkpoint, jobs + same, options, batch_size=4))
     assert [r.text for r in records[:len(jobs)]] == expected
     assert len(records) == len(jobs) + 4 and all(r.ok for r in records)

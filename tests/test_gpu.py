@@ -130,12 +130,12 @@ def test_a_real_cuda_out_of_memory_halves_the_batch(tiny_next):
         import json, torch
         from llavanext_cli.answering import PromptJob, answer_jobs
         from llavanext_cli.checkpoint import open_checkpoint
-        from llavanext_cli.generation import GenerationOptions
+        from llavanext_cli.plan import GenerationOptions, plan_execution
         from llavanext_cli.records import Subject
         from llavanext_cli.settings import load_settings
         checkpoint = open_checkpoint(load_settings({{"model": {str(tiny_next)!r}, "device": "cuda"}}, env={{}}))
         jobs = [PromptJob(Subject.of({str(IMAGES[0])!r}), "Describe this image in detail.")] * 4
-        options = GenerationOptions(max_new_tokens=6)
+        options = plan_execution(checkpoint, GenerationOptions(max_new_tokens=6))
         alone = [r.text for r in answer_jobs(checkpoint, jobs[:1], options)]
         real_generate, sizes = checkpoint.model.generate, []
         def generate(**kwargs):

@@ -83,7 +83,7 @@ def test_resume_keys_stay_image_and_question(tiny_next, expected, tmp_path):
 def test_each_image_is_preprocessed_and_encoded_once_for_all_its_questions(tiny_next, expected):
     from llavanext_cli.answering import PromptJob, answer_jobs
     from llavanext_cli.checkpoint import open_checkpoint
-    from llavanext_cli.generation import GenerationOptions
+    from llavanext_cli.plan import GenerationOptions, plan_execution
     from llavanext_cli.records import Subject
     from llavanext_cli.settings import load_settings
 
@@ -100,7 +100,7 @@ def test_each_image_is_preprocessed_and_encoded_once_for_all_its_questions(tiny_
     image_processor.preprocess = counting_preprocess
     try:
         jobs = [PromptJob(Subject.of(str(image)), question) for question in QUESTIONS for image in IMAGES[:2]]
-        records = list(answer_jobs(checkpoint, jobs, GenerationOptions(max_new_tokens=6), workers=1))
+        records = list(answer_jobs(checkpoint, jobs, plan_execution(checkpoint, GenerationOptions(max_new_tokens=6))))
     finally:
         hook.remove()
         image_processor.preprocess = real_preprocess
@@ -121,7 +121,7 @@ def test_shared_ids_are_the_processors_own(tiny_next, tiny_llava):
         processor = checkpoint.processor
         for images in ([load_image(IMAGES[0])], [load_image(IMAGES[1]), load_image(IMAGES[2])]):
             prompts = [checkpoint.prompt.format.render(single_image_conversation(q, len(images))) for q in QUESTIONS]
-            shared = prepare_shared(checkpoint, prompts, images)
+            shared = prepare_shared(checkpoint.processor, prompts, images)
             assert shared is not None
             for prompt, ids in zip(prompts, shared.ids):
                 own = processor(images=images, text=[prompt], return_tensors="pt")
@@ -195,14 +195,14 @@ def test_a_five_turn_chat_with_a_second_image_equals_rerendering_every_turn(tiny
 def test_chat_turns_run_only_their_new_tokens(tiny_next):
     from llavanext_cli.chat import ChatSession
     from llavanext_cli.checkpoint import open_checkpoint
-    from llavanext_cli.generation import GenerationOptions
+    from llavanext_cli.plan import GenerationOptions, plan_execution
     from llavanext_cli.settings import load_settings
 
     checkpoint = open_checkpoint(load_settings({"model": str(tiny_next)}, env={})).load()
     encoded = []
     hook = checkpoint.model.model.vision_tower.register_forward_hook(lambda *args: encoded.append(1))
     try:
-        session = ChatSession(checkpoint, GenerationOptions(max_new_tokens=5))
+        session = ChatSession(checkpoint, plan_execution(checkpoint, GenerationOptions(max_new_tokens=5)))
         session.attach(str(IMAGES[0]))
         first = session.send("What is this?")
         second = session.send("Tell me more.")
@@ -222,11 +222,11 @@ def test_an_interrupted_turn_leaves_no_cache_and_the_next_turn_is_still_exact(ti
 
     from llavanext_cli.chat import ChatSession
     from llavanext_cli.checkpoint import open_checkpoint
-    from llavanext_cli.generation import GenerationOptions
+    from llavanext_cli.plan import GenerationOptions, plan_execution
     from llavanext_cli.settings import load_settings
 
     checkpoint = open_checkpoint(load_settings({"model": str(tiny_next)}, env={})).load()
-    session = ChatSession(checkpoint, GenerationOptions(max_new_tokens=6))
+    session = ChatSession(checkpoint, plan_execution(checkpoint, GenerationOptions(max_new_tokens=6)))
     session.attach(str(IMAGES[0]))
     first = session.send("What is this?")
 

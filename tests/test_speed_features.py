@@ -207,7 +207,8 @@ def test_a_consumer_that_stops_early_cancels_and_waits_for_the_workers():
 
 def test_cancelled_generation_stops_after_the_current_step(tiny_next):
     """The worker side of cancellation: a real generate() with the event set ends at once."""
-    from llavanext_cli.generation import GenerationOptions, generate
+    from llavanext_cli.generation import generate
+    from llavanext_cli.plan import GenerationOptions, plan_execution
     from llavanext_cli.images import load_image
     from llavanext_cli.checkpoint import open_checkpoint
     from llavanext_cli.settings import load_settings
@@ -215,7 +216,7 @@ def test_cancelled_generation_stops_after_the_current_step(tiny_next):
     checkpoint = open_checkpoint(load_settings({"model": str(tiny_next)}, env={}))
     prompt = "[INST] <image>\nWhat is shown in this image? [/INST]"
     image = [[load_image(EXAMPLES / "chelsea.png")]]
-    options = GenerationOptions(max_new_tokens=20)
+    options = plan_execution(checkpoint, GenerationOptions(max_new_tokens=20))
     free = generate(checkpoint, [prompt], image, options, cancelled=threading.Event())
     stop = threading.Event()
     stop.set()

@@ -36,6 +36,7 @@ def caption(
     fast_decode: opt.FastDecodeOpt = None,
     compile: opt.CompileOpt = None,
     max_memory: opt.MaxMemoryOpt = None,
+    memory_check: opt.MemoryCheckOpt = None,
     config: opt.ConfigOpt = None,
     offline: opt.OfflineOpt = None,
     verbose: opt.VerboseOpt = False,

@@ -13,6 +13,7 @@ import typer
 from llavanext_cli.cli import options as opt
 from llavanext_cli.cli.console import print_error, stderr, warn
 from llavanext_cli.errors import EXIT_INPUT_FAILED, LlavaError, UsageError
+from llavanext_cli.figures import RunFigures
 
 HELP = """Commands:
   /image PATH [PATH...]  attach images (files or URLs) to your next message
@@ -42,6 +43,7 @@ def chat(
     output_format: Annotated[Optional[str], typer.Option(
         "--format", help="text | jsonl: how answers are printed when stdin is not a terminal.",
         show_default=False)] = None,
+    memory_check: opt.MemoryCheckOpt = None,
     config: opt.ConfigOpt = None,
     offline: opt.OfflineOpt = None,
     verbose: opt.VerboseOpt = False,
@@ -62,6 +64,7 @@ def chat(
     from llavanext_cli.cli.run import open_run, settings_for
     from llavanext_cli.images import ImageFetching
     from llavanext_cli.inputs import expand_inputs
+    from llavanext_cli.plan import GenerationOptions, check_combinations, plan_execution
 
     if output_format not in (None, "text", "jsonl"):
         raise UsageError(f"--format must be text or jsonl for chat, not {output_format!r}")
@@ -69,32 +72,44 @@ def chat(
     # A format from the environment or a config file is for the batch commands; chat prints text or jsonl.
     output_format = settings.format if settings.format in ("text", "jsonl") else "text"
     sources = expand_inputs(images, stdin=sys.stdin) if images else []
+    options = GenerationOptions.from_settings(settings)
+    check_combinations(options, compile=settings.compile)
     run = open_run(settings, verbose)
+    plan = plan_execution(run.checkpoint, options, compile=settings.compile)
     run.checkpoint.load()  # now, not while the person waits for the first answer
-    session = ChatSession(run.checkpoint, run.generation, ImageFetching.from_settings(settings), system=system)
+    session = ChatSession(run.checkpoint, plan, ImageFetching.from_settings(settings), system=system)
     saved_settings = {
         "dtype": settings.dtype, "quant": settings.quant, "quant_type": settings.quant_type, "seed": settings.seed,
         "prompt_format": run.checkpoint.prompt.format.name, "max_new_tokens": settings.max_new_tokens,
         "temperature": settings.temperature, "top_p": settings.top_p, "num_beams": settings.num_beams,
         "system": system,
     }
-    repl = ChatRepl(session, saved_settings, output_format)
+    repl = ChatRepl(session, saved_settings, output_format, on_terminal=sys.stdin.isatty())
     failed = not repl.attach(sources)
     if sys.stdin.isatty():
         repl.interactive()
     else:
         failed = not repl.piped(sys.stdin) or failed
+    if verbose:  # -v: the conversation's figures, as its last line
+        stderr.print(repl.figures.summary(run.checkpoint.load_seconds, run.checkpoint.device_type), highlight=False)
     return EXIT_INPUT_FAILED if failed else 0
 
 
 class ChatRepl:
     """Slash commands and turns, for a terminal or a pipe."""
 
-    def __init__(self, session, settings: dict, output_format: str):
+    def __init__(self, session, settings: dict, output_format: str, on_terminal: bool = False):
         self.session = session
         self.settings = settings
         self.output_format = output_format
+        self.on_terminal = on_terminal
         self.turn = 0
+        self.figures = RunFigures(noun="turn")
+
+    def note(self, text: str) -> None:
+        """What a slash command did, for the person at a terminal; a pipe's stderr carries only warnings and errors."""
+        if self.on_terminal:
+            stderr.print(text, highlight=False, markup=False)
 
     def attach(self, sources: list[str]) -> bool:
         ok = True
@@ -120,14 +135,14 @@ class ChatRepl:
         elif name == "/reset":
             self.session.reset()
             self.turn = 0
-            stderr.print("Conversation cleared.", highlight=False)
+            self.note("Conversation cleared.")
         elif name == "/image":
             if not args:
                 warn("usage: /image PATH [PATH...]")
                 return False
             if not self.attach(args):
                 return False
-            stderr.print(f"Attached to your next message: {', '.join(args)}", highlight=False, markup=False)
+            self.note(f"Attached to your next message: {', '.join(args)}")
         elif name in ("/save", "/load"):
             if len(args) != 1:
                 warn(f"usage: {name} FILE")
@@ -135,13 +150,12 @@ class ChatRepl:
             try:
                 if name == "/save":
                     self.session.save(Path(args[0]), self.settings)
-                    stderr.print(f"Saved the conversation to {args[0]}.", highlight=False, markup=False)
+                    self.note(f"Saved the conversation to {args[0]}.")
                 else:
                     for message in self.session.load(Path(args[0])):
                         warn(message)
                     self.turn = sum(1 for m in self.session.messages if m["role"] == "assistant")
-                    stderr.print(f"Loaded {args[0]}: {len(self.session.messages)} messages.", highlight=False,
-                                 markup=False)
+                    self.note(f"Loaded {args[0]}: {len(self.session.messages)} messages.")
             except LlavaError as exc:
                 print_error(exc.message, exc.hint)
                 return False
@@ -153,6 +167,7 @@ class ChatRepl:
     def say(self, text: str, on_text=None):
         reply = self.session.send(text, on_text=on_text)
         self.turn += 1
+        self.figures.add(reply)
         if reply.dropped_turns:
             warn(f"the conversation outgrew the model's context: dropped the oldest {reply.dropped_turns} "
                  f"exchange(s)")

@@ -45,6 +45,7 @@ def classify(
     resume: opt.ResumeOpt = False,
     overwrite: opt.OverwriteOpt = False,
     max_memory: opt.MaxMemoryOpt = None,
+    memory_check: opt.MemoryCheckOpt = None,
     config: opt.ConfigOpt = None,
     offline: opt.OfflineOpt = None,
     verbose: opt.VerboseOpt = False,

@@ -18,10 +18,12 @@ from llavanext_cli.cli.output import Display, stream_to_stdout, write_records
 from llavanext_cli.cli.run import Run, check_output, open_run
 from llavanext_cli.dataset_outputs import DataSetFlags, ImageFolder, Sidecars
 from llavanext_cli.errors import EXIT_INPUT_FAILED, Terminated, say_how_to_go_on
+from llavanext_cli.figures import RunFigures
 from llavanext_cli.images import missing_file
 from llavanext_cli.records import JsonRecord, Record, Subject, resume_key
 from llavanext_cli.settings import Settings
-from llavanext_cli.writers import APPENDED_FORMATS, OutputLock, RecordSink, format_for, read_finished_keys
+from llavanext_cli.writers import (
+    APPENDED_FORMATS, OutputLock, RecordSink, end_on_a_whole_line, format_for, read_finished_keys)
 
 
 class Job(Protocol):
@@ -39,28 +41,30 @@ def answer(settings: Settings, jobs: Sequence[Job], output: Path | None, resume:
            schema: str | None = None, data_set: DataSetFlags = DataSetFlags()) -> int:
     """caption / ask: generate an answer for each job; with `schema` (--schema), a JSON answer valid against it."""
     from llavanext_cli.answering import answer_jobs
-    from llavanext_cli.concurrency import check_workers, resolve_workers
+    from llavanext_cli.concurrency import resolve_workers
     from llavanext_cli.images import ImageFetching
+    from llavanext_cli.plan import GenerationOptions, check_combinations, plan_execution
     from llavanext_cli.sharding import data_parallel_from_env
 
-    seeded_sampling = settings.seed is not None and settings.temperature > 0
-    check_workers(settings.workers, seeded_sampling, settings.compile,
-                  source=settings.sources.get("workers", "--workers"))
+    options = GenerationOptions.from_settings(settings)
     fetching = ImageFetching.from_settings(settings)
     answer_schema = None
     if schema is not None:  # read and checked now: a schema the decoder cannot enforce is exit 2 before any load
         from llavanext_cli.structured import load_schema
 
         answer_schema = load_schema(schema)
-        answer_schema.check_generation(settings.num_beams)
+    check_combinations(options, compile=settings.compile, workers=settings.workers, schema=answer_schema,
+                       source=settings.sources.get("workers", "--workers"))
 
     def records_for(run: Run, todo: list[Any], on_text: OnText | None) -> Iterator[Record]:
-        workers = resolve_workers(settings.workers, run.checkpoint.device_type, len(todo), seeded_sampling,
+        workers = resolve_workers(settings.workers, run.checkpoint.device_type, len(todo), options.seeded_sampling,
                                   settings.compile, data_parallel_from_env() is not None)
+        plan = plan_execution(run.checkpoint, options, compile=settings.compile, workers=workers,
+                              schema=answer_schema)
         # Compiled against the checkpoint's tokenizer, before its weights load.
         constraint = answer_schema.compile(run.checkpoint) if answer_schema is not None else None
-        return answer_jobs(run.checkpoint, todo, run.generation, settings.batch_size, fetching, on_text,
-                           fast_decode=settings.fast_decode, workers=workers, constraint=constraint)
+        return answer_jobs(run.checkpoint, todo, plan, settings.batch_size, fetching, on_text,
+                           fast_decode=settings.fast_decode, constraint=constraint)
 
     # A JSON answer is shown once it is whole: one cut short is an error, and its part must not reach stdout.
     return execute(settings, jobs, records_for, output, resume, verbose, data_set=data_set,
@@ -138,14 +142,19 @@ def _execute_here(settings: Settings, jobs: Sequence[Job], records_for: RecordsF
         on_terminal = output is None and fmt == "text" and sys.stdout.isatty()
         display = Display(
             streamed=(streams and on_terminal and draw is None and len(remaining) == 1 and run is not None
-                      and run.generation.num_beams == 1),
+                      and settings.num_beams == 1),
             draw=draw if on_terminal else None,
             progress=len(remaining) > 1 and stderr.is_terminal,
         )
         made = records_for(run, todo, stream_to_stdout if display.streamed else None) if run is not None else None
         sink = RecordSink(output, fmt, many=len(jobs) > 1, with_prompt=several_prompts, **_shape(folder))
-        return write_records(_InPlace(placed, made), sink, len(remaining), display,
-                             finish=sidecars.finish if sidecars is not None else None, reported=placed.values())
+        figures = RunFigures() if verbose else None
+        code = write_records(_InPlace(placed, made), sink, len(remaining), display,
+                             finish=sidecars.finish if sidecars is not None else None, reported=placed.values(),
+                             figures=figures)
+        if figures is not None and run is not None:  # -v: the run's figures, as its last line
+            stderr.print(figures.summary(run.checkpoint.load_seconds, run.checkpoint.device_type), highlight=False)
+        return code
     finally:
         try:
             if folder is not None:
@@ -159,7 +168,8 @@ def _shape(folder: ImageFolder | None) -> dict[str, Any]:
     return {} if folder is None else {"shape": lambda record: folder.row(record.to_json())}
 
 
-def _training_outputs_done(sidecars: Sidecars | None, folder: ImageFolder | None) -> Callable[[Job], bool]:
+def _training_outputs_done(sidecars: Sidecars | None, folder: ImageFolder | None,
+                           repair: bool = True) -> Callable[[Job], bool]:
     """Whether an input is done for the training-set outputs, so that a rerun is the resume: with --sidecar, its
     image has a caption file (which is never written over without --overwrite: it may have been edited by hand),
     else with --format imagefolder, it has its line in metadata.jsonl; with --overwrite, or without such outputs,
@@ -167,7 +177,7 @@ def _training_outputs_done(sidecars: Sidecars | None, folder: ImageFolder | None
     if sidecars is not None:
         return lambda job: sidecars.has_caption(job.subject)
     if folder is not None:
-        lines = folder.finished_keys()
+        lines = folder.finished_keys(repair)
         return lambda job: folder.job_key(job) in lines
     return lambda job: False
 
@@ -240,20 +250,24 @@ def _execute_shard(settings: Settings, jobs: Sequence[Job], records_for: Records
     # Writable? Checked in every process, locked by the main one only (below): a probe taking the lock, however
     # briefly, would make another process of the same run refuse the file as another run's.
     check_output(output, fmt, resume=False, lock=False)
-    group = ProcessGroup()
-    locks = [OutputLock(shard_path(output, group.rank))]
-    if group.is_main:
-        locks.append(OutputLock(output))
-    try:
+    group = None
+    locks: list[OutputLock] = []
+    try:  # the group joined inside: whatever fails after, the locks go and the group is left
+        group = ProcessGroup()
+        locks.append(OutputLock(shard_path(output, group.rank)))
+        if group.is_main:
+            locks.append(OutputLock(output))
+            end_on_a_whole_line(output)  # the shared output is repaired by one process, before any reads it
+        group.wait_for_everyone()
         if folder is None:  # a jsonl output: what it holds is done
             key_of_job, key_of_record = (lambda job: job.key()), resume_key
-            finished = read_finished_keys(output, resume_key)
+            finished = read_finished_keys(output, resume_key, repair=False)
         else:  # an imagefolder: what has its line is done (_training_outputs_done)
             key_of_job, key_of_record, finished = folder.job_key, folder.record_key, set()
         for path in existing_shards(output):
             finished.update(key for key in map(key_of_record, read_shard_records(path)) if key is not None)
         mine = [(index, job) for index, job in my_share(jobs, group) if key_of_job(job) not in finished]
-        done = _training_outputs_done(sidecars, folder)
+        done = _training_outputs_done(sidecars, folder, repair=False)
         kept = [(index, job) for index, job in mine if not done(job)]
         skipped, mine = len(mine) - len(kept), kept
         already = f" ({_skipped(skipped, sidecars, folder).rstrip('.')})" if skipped else ""
@@ -280,4 +294,5 @@ def _execute_shard(settings: Settings, jobs: Sequence[Job], records_for: Records
     finally:
         for lock in locks:
             lock.release()
-        group.close()
+        if group is not None:
+            group.close()

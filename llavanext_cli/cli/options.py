@@ -71,6 +71,9 @@ CompileOpt = Annotated[Optional[bool], typer.Option(
 MaxMemoryOpt = Annotated[Optional[str], typer.Option(
     "--max-memory", help="With --device auto on GPUs: memory per device for the weights, e.g. "
     "0=70GiB,1=70GiB,cpu=200GiB.", rich_help_panel=_RUN, show_default=False)]
+MemoryCheckOpt = Annotated[Optional[bool], typer.Option(
+    "--memory-check/--no-memory-check", help="Refuse, before reading them, weights that cannot fit in the free memory "
+    "of the device(s) they are planned for.", rich_help_panel=_RUN, show_default=False)]
 RecursiveOpt = Annotated[bool, typer.Option("--recursive", "-r", help="Descend into subdirectories.")]
 ResumeOpt = Annotated[bool, typer.Option(
     "--resume", help="Skip inputs that already have a success record in -o FILE.jsonl (or a line in an imagefolder's "

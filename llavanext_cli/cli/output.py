@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from llavanext_cli.cli.console import stderr, warn
-from llavanext_cli.errors import EXIT_INPUT_FAILED
+from llavanext_cli.errors import EXIT_INPUT_FAILED, Terminated
+from llavanext_cli.figures import RunFigures
 from llavanext_cli.records import JsonRecord, Record
 from llavanext_cli.writers import RecordSink
 
@@ -32,12 +33,14 @@ def stream_to_stdout(text: str) -> None:
 
 
 def write_records(records: Iterator[Record], sink: RecordSink, total: int, display: Display = Display(),
-                  finish: Callable[[Record], Record] | None = None, reported: Iterable[Record] = ()) -> int:
+                  finish: Callable[[Record], Record] | None = None, reported: Iterable[Record] = (),
+                  figures: RunFigures | None = None) -> int:
     """Drive the record iterator to its end, writing each record as it is final; 1 if any input failed, else 0.
     `finish` is a record's last step before the sink (--sidecar writes its caption file there), which may turn it
-    into a failure; the failures in `reported` were reported on stderr already. The iterator is closed however this ends: on Ctrl-C, SIGTERM or an error the pipeline's threads
-    stop before this returns (a thread still inside the model when the interpreter exits would abort the process
-    instead of exiting with the contract's code)."""
+    into a failure; the failures in `reported` were reported on stderr already; `figures` sums what the records
+    tell (-v). The iterator is closed however this ends: on Ctrl-C, SIGTERM or an error the pipeline's threads stop
+    (after the step they are in) before this returns (a thread still inside the model when the interpreter exits
+    would abort the process instead of exiting with the contract's code)."""
     failures = 0
     already = {id(record) for record in reported}
     progress: Any = None
@@ -64,7 +67,15 @@ def write_records(records: Iterator[Record], sink: RecordSink, total: int, displ
                     sink.write(record)
                 if progress is not None:
                     _advance(progress, failures)
+                if figures is not None:
+                    figures.add(made)
             complete = True
+        except (KeyboardInterrupt, Terminated):
+            if progress is not None:
+                progress.stop()
+                progress = None
+            stderr.print("Stopping after the current step...", highlight=False)
+            raise
         finally:
             if progress is not None:
                 progress.stop()

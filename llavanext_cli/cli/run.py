@@ -10,7 +10,6 @@ from typing import Any
 
 from llavanext_cli.cli.console import warn
 from llavanext_cli.errors import UsageError
-from llavanext_cli.generation import GenerationOptions
 from llavanext_cli.settings import Settings, load_settings
 from llavanext_cli.writers import APPENDED_FORMATS, OutputLock, check_writable
 
@@ -56,7 +55,6 @@ def check_output(output: Path | None, fmt: str, resume: bool, lock: bool = True)
 @dataclass
 class Run:
     checkpoint: Any
-    generation: GenerationOptions
 
 
 def open_run(settings: Settings, verbose: bool) -> Run:
@@ -70,4 +68,4 @@ def open_run(settings: Settings, verbose: bool) -> Run:
     checkpoint = open_checkpoint(settings, on_loaded=collector.model_loaded)
     if checkpoint.prompt.warning:
         warn(checkpoint.prompt.warning)
-    return Run(checkpoint, GenerationOptions.from_settings(settings))
+    return Run(checkpoint)
