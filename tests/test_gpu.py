@@ -150,3 +150,90 @@ def test_a_real_cuda_out_of_memory_halves_the_batch(tiny_next):
     alone, halved, sizes = texts
     assert halved == alone * 4
     assert sizes[0] == 4 and max(sizes[1:]) < 4
+
+
+# --- issue #21: every combination on a GPU ------------------------------------------------------------------------------
+
+def test_compile_with_several_questions_chat_and_classify_equals_eager(tiny_next):
+    """--compile gives plain batches a static cache and the compiled forward; the paths that continue from a cache of
+    their own run eager with a dynamic one: the same records either way."""
+    for args in (("ask", IMAGES[0], "-q", "What is it?", "-q", "Where is it?", "--max-new-tokens", "6"),
+                 ("classify", IMAGES[0], "--labels", "a cat,a dog,a rocket")):
+        common = ("-m", tiny_next, "--device", "cuda")
+        compiled = llava_on_gpu(*args, *common, "--compile")
+        eager = llava_on_gpu(*args, *common)
+        assert [{k: v for k, v in r.items() if k != "seconds"} for r in compiled] == \
+            [{k: v for k, v in r.items() if k != "seconds"} for r in eager]
+    turns = "What is it?\nAnd the colour?\n"
+    chats = []
+    for extra in (("--compile",), ()):
+        result = subprocess.run([sys.executable, "-m", "llavanext_cli", "chat", str(IMAGES[0]), "-m", str(tiny_next),
+                                 "--device", "cuda", "--max-new-tokens", "6", *extra], input=turns, text=True,
+                                capture_output=True, env=gpu_environment(), cwd=str(REPO), timeout=600)
+        assert result.returncode == 0, result.stderr
+        chats.append(result.stdout)
+    assert chats[0] == chats[1]
+
+
+def test_classify_with_64_labels_holds_no_more_than_two_prompt_caches_more_than_with_2(tiny_next):
+    peaks = python_on_gpu(f"""
+        import json, torch
+        from llavanext_cli.checkpoint import open_checkpoint
+        from llavanext_cli.images import load_image
+        from llavanext_cli.scoring import score_labels
+        from llavanext_cli.settings import load_settings
+        checkpoint = open_checkpoint(load_settings({{"model": {str(tiny_next)!r}, "device": "cuda"}}, env={{}}))
+        image = load_image({str(IMAGES[0])!r})
+        peaks = []
+        for count in (2, 64):
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            score_labels(checkpoint, [image], "Which?", [f"label number {{i}}" for i in range(count)])
+            peaks.append(torch.cuda.max_memory_allocated() - base)
+        config = checkpoint.config.text_config
+        per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * (
+            config.hidden_size // config.num_attention_heads) * 4
+        print(json.dumps(peaks + [per_token * 3000]))
+    """)
+    few, many, prompt_cache = peaks
+    assert many <= few + 2 * prompt_cache
+
+
+@pytest.mark.parametrize("command", ["caption", "ask", "classify", "chat"])
+def test_a_real_out_of_memory_in_every_path_is_an_error_record_not_a_traceback(tiny_next, command):
+    """The 512 x 512 image's prompt (the longest) asks the GPU for more than it has, in a patched forward; the others
+    are answered, that one is an error record (chat: that turn), exit 1."""
+    big = EXAMPLES.parent / "tests" / "data" / "images" / "camera.png"
+    args = {"caption": ["caption", str(IMAGES[0]), str(big)],
+            "ask": ["ask", str(IMAGES[0]), str(big), "-q", "What?", "-q", "Where?"],
+            "classify": ["classify", str(IMAGES[0]), str(big), "--labels", "a,b", "--batch-size", "2"],
+            "chat": ["chat", str(IMAGES[0])]}[command]
+    code = f"""
+        import functools, sys, torch
+        from transformers import LlavaNextForConditionalGeneration
+        real = LlavaNextForConditionalGeneration.forward
+        @functools.wraps(real)
+        def forward(self, *args, **kwargs):
+            ids = kwargs.get("input_ids")
+            if ids is not None and ids.shape[1] > 2500:
+                torch.empty(2**50, dtype=torch.uint8, device="cuda")  # a real torch.OutOfMemoryError
+            return real(self, *args, **kwargs)
+        LlavaNextForConditionalGeneration.forward = forward
+        from llavanext_cli.cli.main import main
+        main({args + ["-m", str(tiny_next), "--device", "cuda", "--max-new-tokens", "4", "--format", "jsonl"]!r})
+    """
+    stdin = f"Hello\n/image {big}\nAnd this?\n" if command == "chat" else ""
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], input=stdin, capture_output=True,
+                            text=True, env=gpu_environment(), cwd=str(REPO), timeout=600)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert any("out of memory" in line.get("error", "") for line in lines)
+    assert any("error" not in line for line in lines)
+
+
+def test_4bit_with_a_shared_prefix_equals_one_question_at_a_time(tiny_next):
+    quant = ("-m", tiny_next, "--device", "cuda", "--quant", "4bit", "--max-new-tokens", "6")
+    together = llava_on_gpu("ask", IMAGES[0], "-q", "What is it?", "-q", "Where is it?", *quant)
+    one = llava_on_gpu("ask", IMAGES[0], "-q", "What is it?", *quant)
+    two = llava_on_gpu("ask", IMAGES[0], "-q", "Where is it?", *quant)
+    assert [r["text"] for r in together] == [one[0]["text"], two[0]["text"]]

@@ -329,3 +329,33 @@ def test_the_schema_mask_is_the_same_applied_on_the_host_or_with_torch(tiny_next
     host = processors[0](ids, torch.zeros((2, width), dtype=torch.float32))
     device = processors[1](ids, torch.zeros((2, width), dtype=torch.float64))
     assert torch.equal(torch.isinf(host), torch.isinf(device)) and 0 < int((~torch.isinf(host[0])).sum()) < width
+
+
+# --- threads ------------------------------------------------------------------------------------------------------------
+
+def test_the_thread_that_prepares_inputs_never_shares_the_tokenizer_of_the_workers(tiny_next, monkeypatch):
+    """A fast tokenizer's padding state is mutable: the prefetch thread tokenizes with a processor of its own."""
+    import threading
+
+    from llavanext_cli import preprocessing
+
+    seen = []
+    real = preprocessing.prepare_inputs
+
+    def spy(processor, prompts, images):
+        seen.append((threading.current_thread().name, processor))
+        return real(processor, prompts, images)
+
+    monkeypatch.setattr(preprocessing, "prepare_inputs", spy)
+    result = run_cli("caption", CAT, BIG, EXAMPLES / "rocket.jpg", "-m", tiny_next, *TOKENS, "--workers", "2",
+                     "--format", "jsonl")
+    assert result.exit_code == 0
+    prefetched = [processor for thread, processor in seen if thread == "llava-prefetch"]
+    assert prefetched and len({id(processor) for processor in prefetched}) == 1
+    from llavanext_cli.checkpoint import open_checkpoint
+    from llavanext_cli.settings import load_settings
+
+    checkpoint = open_checkpoint(load_settings({"model": str(tiny_next)}, env={}))
+    copy = checkpoint.preparing_processor
+    assert copy is not checkpoint.processor and copy.tokenizer is not checkpoint.processor.tokenizer
+    assert copy.tokenizer.padding_side == checkpoint.processor.tokenizer.padding_side == "left"

@@ -126,8 +126,8 @@ def test_interrupted_run_keeps_finished_records_and_resume_completes_it(tmp_path
     process.send_signal(sig)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == code, stderr
-    # Not an error: the last line says what is kept and how to go on.
-    assert "Error" not in stderr and "Traceback" not in stderr
+    # Not an error: it says it stops after the current step, and its last line says what is kept and how to go on.
+    assert "Error" not in stderr and "Traceback" not in stderr and "Stopping after the current step" in stderr
     assert stderr.strip().splitlines()[-1] == (f"{'Interrupted' if code == 130 else 'Terminated'}: the finished "
                                                f"records are in {out}: run the same command with --resume to do "
                                                "the rest.")
