@@ -47,9 +47,9 @@ def main() -> None:
         model = tiny_model(workdir, args.model)
         import torch
 
-        from llavanext_cli.images import load_image
-        from llavanext_cli.prompts import single_image_conversation
-        from llavanext_cli.scoring import score_labels
+        from llavanext_cli.io.images import load_image
+        from llavanext_cli.model.prompts import single_image_conversation
+        from llavanext_cli.engine.scoring import score_labels
 
         checkpoint = open_quietly(model)
         labels = LABEL_POOL[:args.labels]

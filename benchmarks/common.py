@@ -24,9 +24,9 @@ def tiny_model(workdir: str | Path, given: str | None) -> str:
 
 def open_quietly(model: str):
     """The tool's own Checkpoint for `model`, library logging off (the weights load on first use)."""
-    from llavanext_cli.checkpoint import open_checkpoint
-    from llavanext_cli.loading import configure_library_logging
-    from llavanext_cli.settings import load_settings
+    from llavanext_cli.model.checkpoint import open_checkpoint
+    from llavanext_cli.model.loading import configure_library_logging
+    from llavanext_cli.io.settings import load_settings
 
     configure_library_logging(False)
     return open_checkpoint(load_settings({"model": model}, env={}))

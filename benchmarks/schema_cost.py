@@ -33,12 +33,12 @@ def main() -> None:
 
 
 def measure(model: str, args: argparse.Namespace) -> None:
-    from llavanext_cli import structured
-    from llavanext_cli.generation import generate_from_inputs
-    from llavanext_cli.plan import GenerationOptions, plan_execution
-    from llavanext_cli.images import load_image
-    from llavanext_cli.preprocessing import prepare_inputs
-    from llavanext_cli.prompts import single_image_conversation
+    from llavanext_cli.engine import structured
+    from llavanext_cli.engine.generation import generate_from_inputs
+    from llavanext_cli.engine.plan import GenerationOptions, plan_execution
+    from llavanext_cli.io.images import load_image
+    from llavanext_cli.model.preprocessing import prepare_inputs
+    from llavanext_cli.model.prompts import single_image_conversation
 
     checkpoint = open_quietly(model)
     answer_schema = structured.load_schema(SCHEMA)

@@ -234,7 +234,7 @@ class PlainTransformers:
         loaded the contract's way."""
         import torch
 
-        from llavanext_cli.images import load_image
+        from llavanext_cli.io.images import load_image
 
         processor, model = self(Path(path))
         pictures = [image if hasattr(image, "size") else load_image(image) for image in images]

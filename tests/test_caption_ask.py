@@ -274,7 +274,7 @@ def test_unwritable_output_fails_before_the_model_loads(tmp_path):
 
 
 def test_plan_batches_groups_equal_token_counts_and_keeps_every_input():
-    from llavanext_cli.pipeline import in_input_order, plan_batches
+    from llavanext_cli.engine.pipeline import in_input_order, plan_batches
 
     counts = [1500, 2000, 1500, 2000, 1700, 1500, 2000, 2100]
     batches = plan_batches(counts, batch_size=2, tolerance=0.0)
@@ -288,11 +288,11 @@ def test_plan_batches_groups_equal_token_counts_and_keeps_every_input():
 
 
 def test_prefetch_matches_no_prefetch_and_fast_decode_runs(tiny_next, mixed_folder):
-    from llavanext_cli.answering import PromptJob, answer_jobs
-    from llavanext_cli.checkpoint import open_checkpoint
-    from llavanext_cli.plan import GenerationOptions, plan_execution
-    from llavanext_cli.records import Subject
-    from llavanext_cli.settings import load_settings
+    from llavanext_cli.engine.answering import PromptJob, answer_jobs
+    from llavanext_cli.model.checkpoint import open_checkpoint
+    from llavanext_cli.engine.plan import GenerationOptions, plan_execution
+    from llavanext_cli.io.records import Subject
+    from llavanext_cli.io.settings import load_settings
 
     checkpoint = open_checkpoint(load_settings({"model": str(tiny_next)}, env={}))
     jobs = [PromptJob(Subject.of(str(p)), PROMPT) for p in sorted(mixed_folder.iterdir())]
@@ -309,7 +309,7 @@ def test_prefetch_matches_no_prefetch_and_fast_decode_runs(tiny_next, mixed_fold
 def test_fast_decode_reduces_large_jpegs_only(tmp_path):
     from PIL import Image
 
-    from llavanext_cli.images import load_image
+    from llavanext_cli.io.images import load_image
 
     Image.new("RGB", (4000, 3000), "teal").save(tmp_path / "big.jpg")
     Image.new("RGB", (4000, 3000), "teal").save(tmp_path / "big.png")
@@ -324,11 +324,11 @@ def test_out_of_memory_halves_the_batch_and_drops_nothing(tiny_next, mixed_folde
     the same as without the error."""
     import torch
 
-    from llavanext_cli.answering import PromptJob, answer_jobs
-    from llavanext_cli.checkpoint import open_checkpoint
-    from llavanext_cli.plan import GenerationOptions, plan_execution
-    from llavanext_cli.records import Subject
-    from llavanext_cli.settings import load_settings
+    from llavanext_cli.engine.answering import PromptJob, answer_jobs
+    from llavanext_cli.model.checkpoint import open_checkpoint
+    from llavanext_cli.engine.plan import GenerationOptions, plan_execution
+    from llavanext_cli.io.records import Subject
+    from llavanext_cli.io.settings import load_settings
 
     checkpoint = open_checkpoint(load_settings({"model": str(tiny_next)}, env={}))
     jobs = [PromptJob(Subject.of(str(p)), PROMPT) for p in sorted(mixed_folder.iterdir())]

@@ -56,7 +56,7 @@ def test_piped_turns_and_image_mid_conversation_match_transformers(tiny_next, hf
 
 
 def test_registry_format_without_chat_template(tiny_llava, hf_reference):
-    from llavanext_cli.prompts import load_registry
+    from llavanext_cli.model.prompts import load_registry
 
     result, replies = chat(tiny_llava, ["Hi there", "Tell me more"], CAT)
     assert result.exit_code == 0, result.stderr

@@ -22,7 +22,7 @@ def naive_log_scores(hf_reference, checkpoint, image_path, rendered_prompt, labe
     """The contract, written plainly: one full forward with the image per label, teacher forcing."""
     import torch
 
-    from llavanext_cli.images import load_image
+    from llavanext_cli.io.images import load_image
 
     key = (str(checkpoint), str(image_path), rendered_prompt, tuple(labels))
     if key not in _NAIVE:
@@ -87,11 +87,11 @@ def test_label_order_does_not_change_any_score(tiny_next):
 
 def test_each_image_is_encoded_once(tiny_next):
     """However many labels, the vision tower runs once per batch of images."""
-    from llavanext_cli.images import load_image
-    from llavanext_cli.loading import configure_library_logging
-    from llavanext_cli.scoring import score_labels
-    from llavanext_cli.checkpoint import open_checkpoint
-    from llavanext_cli.settings import load_settings
+    from llavanext_cli.io.images import load_image
+    from llavanext_cli.model.loading import configure_library_logging
+    from llavanext_cli.engine.scoring import score_labels
+    from llavanext_cli.model.checkpoint import open_checkpoint
+    from llavanext_cli.io.settings import load_settings
 
     configure_library_logging(False)
     checkpoint = open_checkpoint(load_settings({"model": str(tiny_next)}, env={}))

@@ -149,7 +149,7 @@ def test_every_parameter_of_a_model_command_is_a_setting_or_its_own(name):
     import inspect
 
     from llavanext_cli.cli.options import model_flags
-    from llavanext_cli.settings import SETTING_NAMES
+    from llavanext_cli.io.settings import SETTING_NAMES
 
     function = _command_function(name).callback
     parameters = inspect.signature(function).parameters
@@ -167,7 +167,7 @@ def test_a_librarys_warnings_show_only_with_verbose_or_debug(monkeypatch, tmp_pa
     one `Warning:` line with -v or LLAVA_DEBUG=1, where it was raised included. The tool's own warnings always show."""
     import warnings
 
-    from llavanext_cli import inputs
+    from llavanext_cli.io import inputs
 
 
     real = inputs.expand_inputs
@@ -207,7 +207,7 @@ def test_a_file_that_is_not_valid_yaml_cannot_be_loaded(tmp_path, tiny_next, kin
 def test_the_machine_saying_no_is_one_line_and_any_other_os_error_is_a_bug(tiny_next, tmp_path, monkeypatch):
     import errno
 
-    from llavanext_cli import writers
+    from llavanext_cli.io import writers
 
 
     def disk_full(self, record):

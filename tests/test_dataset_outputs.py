@@ -170,7 +170,7 @@ def test_a_folder_that_refuses_files_fails_its_images_before_any_work(tiny_next,
     folder = training_folder(tmp_path / "set")
     locked = folder / "sub dir"
     if os.geteuid() == 0:  # root writes in a read-only folder: the file system's refusal is played instead
-        from llavanext_cli import dataset_outputs
+        from llavanext_cli.io import dataset_outputs
 
         real = dataset_outputs.create_temporary
 
@@ -195,7 +195,7 @@ def test_a_folder_that_refuses_files_fails_its_images_before_any_work(tiny_next,
 
 
 def test_an_answer_on_several_lines_is_written_on_one():
-    from llavanext_cli.dataset_outputs import Sidecars, one_line
+    from llavanext_cli.io.dataset_outputs import Sidecars, one_line
 
     assert one_line("A cat on a mat.\n\n  It sleeps. \r\nThe end") == "A cat on a mat. It sleeps. The end"
     assert Sidecars(prefix="ohwx, ", suffix=" --style").content("a\nb") == "ohwx, a b --style"
@@ -349,7 +349,7 @@ def test_imagefolder_of_several_questions_names_the_prompt_and_together_names_th
 
 
 def test_a_second_run_on_the_same_metadata_file_refuses(tiny_next, tmp_path):
-    from llavanext_cli.writers import OutputLock
+    from llavanext_cli.io.writers import OutputLock
 
     folder = training_folder(tmp_path / "set")
     lock = OutputLock(folder / "metadata.jsonl")  # a first run, writing
@@ -365,8 +365,8 @@ def test_a_second_run_on_the_same_metadata_file_refuses(tiny_next, tmp_path):
 def test_schema_answers_become_columns(tmp_path):
     """A --schema answer's object: one column per top-level property (a name the line already uses is
     "data.NAME"), loaded by datasets with its type."""
-    from llavanext_cli.dataset_outputs import ImageFolder
-    from llavanext_cli.records import Answer, Subject
+    from llavanext_cli.io.dataset_outputs import ImageFolder
+    from llavanext_cli.io.records import Answer, Subject
 
     folder = training_folder(tmp_path / "set")
     data = [{"kind": "cat", "count": 1, "tags": ["fur"], "text": "a cat"},
@@ -384,7 +384,7 @@ def test_schema_answers_become_columns(tmp_path):
 
 
 def test_schema_answers_through_the_cli(tiny_next, tmp_path):
-    pytest.importorskip("llavanext_cli.structured", reason="--schema is not implemented yet")
+    pytest.importorskip("llavanext_cli.engine.structured", reason="--schema is not implemented yet")
     folder = training_folder(tmp_path / "set")
     schema = json.dumps({"type": "object", "properties": {"kind": {"enum": ["cat", "rocket", "horse"]},
                                                           "count": {"type": "integer", "minimum": 0, "maximum": 9}},

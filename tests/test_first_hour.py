@@ -49,7 +49,7 @@ def test_the_cache_is_handed_over_under_the_name_the_model_takes(tiny_next):
 
     from transformers import LlavaNextForConditionalGeneration
 
-    from llavanext_cli.cache_api import cache_keyword
+    from llavanext_cli.model.cache_api import cache_keyword
 
     model = LlavaNextForConditionalGeneration.__new__(LlavaNextForConditionalGeneration)
     keyword = cache_keyword(model)
@@ -149,7 +149,7 @@ def test_every_option_shows_its_default_and_a_settings_variable(command):
 
     from llavanext_cli.cli.main import app
     from llavanext_cli.cli.options import COMMAND_PARAMETERS
-    from llavanext_cli.settings import SETTING_NAMES
+    from llavanext_cli.io.settings import SETTING_NAMES
 
     shown = _help(command)
     assert "<bool>" not in shown  # a flag takes no value

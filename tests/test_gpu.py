@@ -40,7 +40,7 @@ def plain_transformers_on_gpu(checkpoint, max_new_tokens: int, **load: str) -> l
     return python_on_gpu(f"""
         import json, torch
         from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
-        from llavanext_cli.images import load_image
+        from llavanext_cli.io.images import load_image
         processor = AutoProcessor.from_pretrained({str(checkpoint)!r})
         model = AutoModelForImageTextToText.from_pretrained({str(checkpoint)!r}, device_map="cuda"{extra}).eval()
         answers = []
@@ -76,7 +76,7 @@ def test_float32_batches_on_cuda_equal_plain_transformers(tiny_next):
 def test_quantized_on_cuda(tiny_next, quant, config):
     quantized = python_on_gpu(f"""
         import json, torch
-        from llavanext_cli.loading import LoadOptions, load_config, load_model, quantized_module_names
+        from llavanext_cli.model.loading import LoadOptions, load_config, load_model, quantized_module_names
         model = load_model({str(tiny_next)!r}, load_config({str(tiny_next)!r}), LoadOptions(quant={quant!r},
                            dtype="float16", device="cuda"))
         names = set(quantized_module_names(model))
@@ -101,8 +101,8 @@ def test_sdpa_on_cuda_equals_plain_transformers(tiny_next):
 def test_device_auto_with_max_memory_spreads_by_accelerate(tiny_next):
     plan = python_on_gpu(f"""
         import json
-        from llavanext_cli.checkpoint import open_checkpoint
-        from llavanext_cli.settings import load_settings
+        from llavanext_cli.model.checkpoint import open_checkpoint
+        from llavanext_cli.io.settings import load_settings
         settings = load_settings({{"model": {str(tiny_next)!r}, "device": "auto", "max_memory": "0=2GiB,cpu=8GiB"}},
                                  env={{}})
         checkpoint = open_checkpoint(settings)
@@ -128,11 +128,11 @@ def test_a_real_cuda_out_of_memory_halves_the_batch(tiny_next):
     still gets the answer it gets in a batch of one."""
     texts = python_on_gpu(f"""
         import json, torch
-        from llavanext_cli.answering import PromptJob, answer_jobs
-        from llavanext_cli.checkpoint import open_checkpoint
-        from llavanext_cli.plan import GenerationOptions, plan_execution
-        from llavanext_cli.records import Subject
-        from llavanext_cli.settings import load_settings
+        from llavanext_cli.engine.answering import PromptJob, answer_jobs
+        from llavanext_cli.model.checkpoint import open_checkpoint
+        from llavanext_cli.engine.plan import GenerationOptions, plan_execution
+        from llavanext_cli.io.records import Subject
+        from llavanext_cli.io.settings import load_settings
         checkpoint = open_checkpoint(load_settings({{"model": {str(tiny_next)!r}, "device": "cuda"}}, env={{}}))
         jobs = [PromptJob(Subject.of({str(IMAGES[0])!r}), "Describe this image in detail.")] * 4
         options = plan_execution(checkpoint, GenerationOptions(max_new_tokens=6))
@@ -178,10 +178,10 @@ def test_compile_with_several_questions_chat_and_classify_equals_eager(tiny_next
 def test_classify_with_64_labels_holds_no_more_than_two_prompt_caches_more_than_with_2(tiny_next):
     peaks = python_on_gpu(f"""
         import json, torch
-        from llavanext_cli.checkpoint import open_checkpoint
-        from llavanext_cli.images import load_image
-        from llavanext_cli.scoring import score_labels
-        from llavanext_cli.settings import load_settings
+        from llavanext_cli.model.checkpoint import open_checkpoint
+        from llavanext_cli.io.images import load_image
+        from llavanext_cli.engine.scoring import score_labels
+        from llavanext_cli.io.settings import load_settings
         checkpoint = open_checkpoint(load_settings({{"model": {str(tiny_next)!r}, "device": "cuda"}}, env={{}}))
         image = load_image({str(IMAGES[0])!r})
         peaks = []

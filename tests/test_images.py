@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from llavanext_cli.errors import InputError
-from llavanext_cli.images import load_image
+from llavanext_cli.io.images import load_image
 
 from conftest import EXAMPLES, TEST_IMAGES
 
@@ -92,7 +92,7 @@ def test_over_the_pixel_limit(tmp_path, monkeypatch):
 def test_a_bug_in_the_tools_own_conversion_is_not_an_input_error(monkeypatch):
     """Whatever Pillow raises on hostile bytes is an input error; an exception from the tool's own code is a bug,
     and stays one."""
-    from llavanext_cli import images
+    from llavanext_cli.io import images
 
     def broken(image):
         raise TypeError("the tool's own bug")

@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from llavanext_cli.errors import SetupError
-from llavanext_cli.loading import LoadOptions, load_config, load_model, load_processor, quantized_module_names
+from llavanext_cli.model.loading import LoadOptions, load_config, load_model, load_processor, quantized_module_names
 
 from conftest import EXAMPLES, run_cli
 

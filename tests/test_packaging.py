@@ -32,9 +32,9 @@ def test_wheel_ships_prompts_and_configs_and_finds_them(tmp_path):
     # Run from a directory that is not the repository, with only the installed copy importable.
     code = (
         "import llavanext_cli, json\n"
-        "from llavanext_cli.prompts import load_registry\n"
-        "from llavanext_cli.settings import load_settings\n"
-        "from llavanext_cli.resources import prompts_dir\n"
+        "from llavanext_cli.model.prompts import load_registry\n"
+        "from llavanext_cli.io.settings import load_settings\n"
+        "from llavanext_cli.io.resources import prompts_dir\n"
         "print(json.dumps([llavanext_cli.__file__, str(prompts_dir()), sorted(load_registry()),"
         " load_settings({}, env={}).model]))\n"
     )

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from llavanext_cli.errors import UsageError
-from llavanext_cli.prompts import (
+from llavanext_cli.model.prompts import (
     load_prompt_format,
     load_registry,
     match_model_id,

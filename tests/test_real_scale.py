@@ -135,7 +135,7 @@ def test_every_backends_out_of_memory_is_recognised_and_release_collects_garbage
 
     import torch
 
-    from llavanext_cli.generation import is_out_of_memory, release_memory
+    from llavanext_cli.engine.generation import is_out_of_memory, release_memory
 
     assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory."))
     assert is_out_of_memory(RuntimeError("MPS backend out of memory (MPS allocated: 8.00 GB, other allocations: "
@@ -317,9 +317,9 @@ def test_the_schema_mask_is_the_same_applied_on_the_host_or_with_torch(tiny_next
     path): the same tokens blocked."""
     import torch
 
-    from llavanext_cli.checkpoint import open_checkpoint
-    from llavanext_cli.settings import load_settings
-    from llavanext_cli.structured import load_schema
+    from llavanext_cli.model.checkpoint import open_checkpoint
+    from llavanext_cli.io.settings import load_settings
+    from llavanext_cli.engine.structured import load_schema
 
     checkpoint = open_checkpoint(load_settings({"model": str(tiny_next)}, env={}))
     constraint = load_schema("kind: animal|object, count int 0..9").compile(checkpoint)
@@ -337,7 +337,7 @@ def test_the_thread_that_prepares_inputs_never_shares_the_tokenizer_of_the_worke
     """A fast tokenizer's padding state is mutable: the prefetch thread tokenizes with a processor of its own."""
     import threading
 
-    from llavanext_cli import preprocessing
+    from llavanext_cli.model import preprocessing
 
     seen = []
     real = preprocessing.prepare_inputs
@@ -352,8 +352,8 @@ def test_the_thread_that_prepares_inputs_never_shares_the_tokenizer_of_the_worke
     assert result.exit_code == 0
     prefetched = [processor for thread, processor in seen if thread == "llava-prefetch"]
     assert prefetched and len({id(processor) for processor in prefetched}) == 1
-    from llavanext_cli.checkpoint import open_checkpoint
-    from llavanext_cli.settings import load_settings
+    from llavanext_cli.model.checkpoint import open_checkpoint
+    from llavanext_cli.io.settings import load_settings
 
     checkpoint = open_checkpoint(load_settings({"model": str(tiny_next)}, env={}))
     copy = checkpoint.preparing_processor

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from llavanext_cli.errors import InputError
-from llavanext_cli.images import image_from_bytes
+from llavanext_cli.io.images import image_from_bytes
 
 from conftest import EXAMPLES, REPO, TEST_IMAGES, folder_of_examples, run_cli
 

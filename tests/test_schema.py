@@ -108,7 +108,7 @@ def test_the_concise_form(tiny_next):
 
 def test_parse_concise():
     from llavanext_cli.errors import UsageError
-    from llavanext_cli.structured import parse_concise
+    from llavanext_cli.engine.structured import parse_concise
 
     assert parse_concise("name, age int: in years, kind: a|b, score float -1..1.5, ok bool, tags list, ids list[int]") \
         == {"type": "object", "additionalProperties": False,
@@ -123,7 +123,7 @@ def test_parse_concise():
 
 
 def test_a_slash_in_a_concise_description_is_not_a_file_name():
-    from llavanext_cli.structured import read_schema_text
+    from llavanext_cli.engine.structured import read_schema_text
 
     schema, source = read_schema_text("place: indoor|outdoor, note str: a yes/no answer")
     assert source == "concise form" and schema["properties"]["note"]["description"] == "a yes/no answer"
@@ -132,7 +132,7 @@ def test_a_slash_in_a_concise_description_is_not_a_file_name():
 def test_closing_objects_keeps_a_required_property_the_schema_does_not_describe(tiny_next):
     import jsonschema
 
-    from llavanext_cli.structured import closed_objects
+    from llavanext_cli.engine.structured import closed_objects
 
     schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a", "b"]}
     closed = closed_objects(schema)

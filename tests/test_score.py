@@ -14,7 +14,7 @@ import pytest
 
 from conftest import REPO, run_cli
 from llavanext_cli.errors import UsageError
-from llavanext_cli.evaluation import (
+from llavanext_cli.engine.evaluation import (
     LabelPrediction,
     SourceRecord,
     calibration,

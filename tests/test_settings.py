@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from llavanext_cli.errors import SetupError, UsageError
-from llavanext_cli.settings import SETTING_NAMES, load_settings
+from llavanext_cli.io.settings import SETTING_NAMES, load_settings
 
 from conftest import REPO, run_cli
 

@@ -81,11 +81,11 @@ def test_resume_keys_stay_image_and_question(tiny_next, expected, tmp_path):
 
 
 def test_each_image_is_preprocessed_and_encoded_once_for_all_its_questions(tiny_next, expected):
-    from llavanext_cli.answering import PromptJob, answer_jobs
-    from llavanext_cli.checkpoint import open_checkpoint
-    from llavanext_cli.plan import GenerationOptions, plan_execution
-    from llavanext_cli.records import Subject
-    from llavanext_cli.settings import load_settings
+    from llavanext_cli.engine.answering import PromptJob, answer_jobs
+    from llavanext_cli.model.checkpoint import open_checkpoint
+    from llavanext_cli.engine.plan import GenerationOptions, plan_execution
+    from llavanext_cli.io.records import Subject
+    from llavanext_cli.io.settings import load_settings
 
     checkpoint = open_checkpoint(load_settings({"model": str(tiny_next)}, env={})).load()
     encoded, preprocessed = [], []
@@ -110,11 +110,11 @@ def test_each_image_is_preprocessed_and_encoded_once_for_all_its_questions(tiny_
 
 def test_shared_ids_are_the_processors_own(tiny_next, tiny_llava):
     """The prompts' ids are built from one processor call; they equal what the processor gives each prompt."""
-    from llavanext_cli.checkpoint import open_checkpoint
-    from llavanext_cli.images import load_image
-    from llavanext_cli.prefix_cache import prepare_shared
-    from llavanext_cli.prompts import single_image_conversation
-    from llavanext_cli.settings import load_settings
+    from llavanext_cli.model.checkpoint import open_checkpoint
+    from llavanext_cli.io.images import load_image
+    from llavanext_cli.engine.prefix_cache import prepare_shared
+    from llavanext_cli.model.prompts import single_image_conversation
+    from llavanext_cli.io.settings import load_settings
 
     for path in (tiny_next, tiny_llava):
         checkpoint = open_checkpoint(load_settings({"model": str(path)}, env={}))
@@ -157,8 +157,8 @@ def test_bad_questions_exit_2(args, message):
 
 
 def test_data_parallel_ranks_take_whole_images():
-    from llavanext_cli.records import Subject
-    from llavanext_cli.sharding import DataParallel, my_share
+    from llavanext_cli.io.records import Subject
+    from llavanext_cli.io.sharding import DataParallel, my_share
 
     class Job:
         def __init__(self, image, question):
@@ -193,10 +193,10 @@ def test_a_five_turn_chat_with_a_second_image_equals_rerendering_every_turn(tiny
 
 
 def test_chat_turns_run_only_their_new_tokens(tiny_next):
-    from llavanext_cli.chat import ChatSession
-    from llavanext_cli.checkpoint import open_checkpoint
-    from llavanext_cli.plan import GenerationOptions, plan_execution
-    from llavanext_cli.settings import load_settings
+    from llavanext_cli.engine.chat import ChatSession
+    from llavanext_cli.model.checkpoint import open_checkpoint
+    from llavanext_cli.engine.plan import GenerationOptions, plan_execution
+    from llavanext_cli.io.settings import load_settings
 
     checkpoint = open_checkpoint(load_settings({"model": str(tiny_next)}, env={})).load()
     encoded = []
@@ -220,10 +220,10 @@ def test_chat_turns_run_only_their_new_tokens(tiny_next):
 def test_an_interrupted_turn_leaves_no_cache_and_the_next_turn_is_still_exact(tiny_next, hf_reference):
     from test_chat import assistant, reference_reply, user
 
-    from llavanext_cli.chat import ChatSession
-    from llavanext_cli.checkpoint import open_checkpoint
-    from llavanext_cli.plan import GenerationOptions, plan_execution
-    from llavanext_cli.settings import load_settings
+    from llavanext_cli.engine.chat import ChatSession
+    from llavanext_cli.model.checkpoint import open_checkpoint
+    from llavanext_cli.engine.plan import GenerationOptions, plan_execution
+    from llavanext_cli.io.settings import load_settings
 
     checkpoint = open_checkpoint(load_settings({"model": str(tiny_next)}, env={})).load()
     session = ChatSession(checkpoint, plan_execution(checkpoint, GenerationOptions(max_new_tokens=6)))

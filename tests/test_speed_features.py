@@ -98,7 +98,7 @@ def test_seeded_sampling_stays_reproducible_with_auto_workers(tiny_next, monkeyp
 
 
 def test_resolve_workers_rules():
-    from llavanext_cli.concurrency import AUTO, resolve_workers, threads_per_worker
+    from llavanext_cli.engine.concurrency import AUTO, resolve_workers, threads_per_worker
     from llavanext_cli.errors import UsageError
 
     assert resolve_workers(AUTO, "cpu", 10, False, False, False) == 2
@@ -121,8 +121,8 @@ def test_resolve_workers_rules():
 def test_skipped_identity_steps_give_the_same_tensors_bit_for_bit(tiny_next, varied_images):
     from PIL import Image
 
-    from llavanext_cli.preprocessing import identity_image_steps
-    from llavanext_cli.loading import load_config, load_processor
+    from llavanext_cli.model.preprocessing import identity_image_steps
+    from llavanext_cli.model.loading import load_config, load_processor
 
     processor = load_processor(str(tiny_next), load_config(str(tiny_next)))
     skips = identity_image_steps(processor.image_processor)
@@ -144,8 +144,8 @@ def test_skipped_identity_steps_give_the_same_tensors_bit_for_bit(tiny_next, var
 def test_identity_steps_are_kept_where_they_do_something(tiny_next, tiny_llava):
     import copy
 
-    from llavanext_cli.preprocessing import identity_image_steps
-    from llavanext_cli.loading import load_config, load_processor
+    from llavanext_cli.model.preprocessing import identity_image_steps
+    from llavanext_cli.model.loading import load_config, load_processor
 
     clip = load_processor(str(tiny_llava), load_config(str(tiny_llava))).image_processor
     assert identity_image_steps(clip) == {}  # LLaVA-1.5: resize then crop, both real
@@ -168,7 +168,7 @@ def test_identity_steps_are_kept_where_they_do_something(tiny_next, tiny_llava):
 
 
 def test_run_concurrently_delivers_everything_and_leaves_no_thread():
-    from llavanext_cli.pipeline import run_pipelined
+    from llavanext_cli.engine.pipeline import run_pipelined
 
     batches = [[i] for i in range(40)]
     out = list(run_pipelined(lambda batch: batch, lambda batch: [(i, i * i) for i in batch], batches, workers=3))
@@ -177,7 +177,7 @@ def test_run_concurrently_delivers_everything_and_leaves_no_thread():
 
 
 def test_an_error_in_a_worker_reaches_the_consumer_and_the_others_stop():
-    from llavanext_cli.pipeline import run_pipelined
+    from llavanext_cli.engine.pipeline import run_pipelined
 
     seen = []
 
@@ -194,7 +194,7 @@ def test_an_error_in_a_worker_reaches_the_consumer_and_the_others_stop():
 
 
 def test_a_consumer_that_stops_early_cancels_and_waits_for_the_workers():
-    from llavanext_cli.pipeline import run_pipelined
+    from llavanext_cli.engine.pipeline import run_pipelined
 
     cancelled = threading.Event()
     results = run_pipelined(lambda batch: batch, lambda batch: [(batch[0], batch[0])], [[i] for i in range(500)],
@@ -207,11 +207,11 @@ def test_a_consumer_that_stops_early_cancels_and_waits_for_the_workers():
 
 def test_cancelled_generation_stops_after_the_current_step(tiny_next):
     """The worker side of cancellation: a real generate() with the event set ends at once."""
-    from llavanext_cli.generation import generate
-    from llavanext_cli.plan import GenerationOptions, plan_execution
-    from llavanext_cli.images import load_image
-    from llavanext_cli.checkpoint import open_checkpoint
-    from llavanext_cli.settings import load_settings
+    from llavanext_cli.engine.generation import generate
+    from llavanext_cli.engine.plan import GenerationOptions, plan_execution
+    from llavanext_cli.io.images import load_image
+    from llavanext_cli.model.checkpoint import open_checkpoint
+    from llavanext_cli.io.settings import load_settings
 
     checkpoint = open_checkpoint(load_settings({"model": str(tiny_next)}, env={}))
     prompt = "[INST] <image>\nWhat is shown in this image? [/INST]"
@@ -225,7 +225,7 @@ def test_cancelled_generation_stops_after_the_current_step(tiny_next):
 
 
 def test_a_worker_that_takes_an_item_after_cancellation_does_not_run_it():
-    from llavanext_cli.pipeline import _DONE, Source, run_concurrently
+    from llavanext_cli.engine.pipeline import _DONE, Source, run_concurrently
 
     cancelled = threading.Event()
     ran = []
@@ -252,7 +252,7 @@ def test_a_worker_that_takes_an_item_after_cancellation_does_not_run_it():
 def test_workers_waiting_for_a_stuck_producer_end_when_the_consumer_stops(monkeypatch):
     """The producer is stuck inside prepare (a slow URL, say) while the workers wait for items: stopping the run
     stops the producer first, so the waiting workers wake up, end and are joined; nothing hangs."""
-    from llavanext_cli import pipeline
+    from llavanext_cli.engine import pipeline
 
     monkeypatch.setattr(pipeline, "JOIN_TIMEOUT", 0.5)
     release = threading.Event()
@@ -274,7 +274,7 @@ def test_workers_waiting_for_a_stuck_producer_end_when_the_consumer_stops(monkey
 
 
 def test_in_input_order_closes_its_source_and_fails_loudly_on_a_lost_result():
-    from llavanext_cli.pipeline import in_input_order
+    from llavanext_cli.engine.pipeline import in_input_order
 
     closed = []
 
@@ -294,7 +294,7 @@ def test_in_input_order_closes_its_source_and_fails_loudly_on_a_lost_result():
 
 
 def test_bucketing_needs_the_processors_token_count():
-    from llavanext_cli.preprocessing import image_token_count
+    from llavanext_cli.model.preprocessing import image_token_count
 
     assert image_token_count(object(), (640, 480)) == -1  # a processor that cannot say: no grouping, same answers
     assert image_token_count(object(), None) == -1

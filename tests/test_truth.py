@@ -191,7 +191,7 @@ def messy(tmp_path) -> Path:
 
 
 def test_a_root_is_one_level_of_class_folders_and_what_is_left_out_is_said(messy):
-    from llavanext_cli.inputs import InputWarning, expand_with_truth
+    from llavanext_cli.io.inputs import InputWarning, expand_with_truth
 
     with pytest.warns(InputWarning) as said:
         found = expand_with_truth([str(messy)])
@@ -201,7 +201,7 @@ def test_a_root_is_one_level_of_class_folders_and_what_is_left_out_is_said(messy
 
 
 def test_recursive_takes_every_depth_with_the_parent_folder_as_truth(messy):
-    from llavanext_cli.inputs import InputWarning, expand_with_truth
+    from llavanext_cli.io.inputs import InputWarning, expand_with_truth
 
     with pytest.warns(InputWarning, match="stray.png"):
         found = expand_with_truth([str(messy)], recursive=True)
@@ -213,7 +213,7 @@ def test_recursive_takes_every_depth_with_the_parent_folder_as_truth(messy):
 def test_class_folders_files_and_relative_paths_take_their_parent_folder(messy, monkeypatch):
     import warnings
 
-    from llavanext_cli.inputs import expand_with_truth
+    from llavanext_cli.io.inputs import expand_with_truth
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a folder holding only images is a class folder: nothing to warn about
@@ -227,7 +227,7 @@ def test_class_folders_files_and_relative_paths_take_their_parent_folder(messy, 
 
 
 def test_vqa_end_to_end(tmp_path, tiny_next):
-    from llavanext_cli.evaluation import vqa_score
+    from llavanext_cli.engine.evaluation import vqa_score
 
     questions = tmp_path / "vqa.jsonl"
     questions.write_text(

@@ -68,12 +68,12 @@ def ask(
       llava ask dataset/ -q "List the objects in this image, comma-separated." --sidecar
     """
     flags = opt.model_flags(locals())
-    from llavanext_cli.answering import PromptJob, open_questions
+    from llavanext_cli.engine.answering import PromptJob, open_questions
     from llavanext_cli.cli.execute import answer
     from llavanext_cli.cli.run import settings_for
-    from llavanext_cli.dataset_outputs import DataSetFlags
-    from llavanext_cli.inputs import expand_inputs
-    from llavanext_cli.records import Subject
+    from llavanext_cli.io.dataset_outputs import DataSetFlags
+    from llavanext_cli.io.inputs import expand_inputs
+    from llavanext_cli.io.records import Subject
 
     if questions is not None and (question is not None or images or together):
         raise UsageError("--questions takes its images and questions from the file: drop IMAGES, -q and --together")
@@ -82,7 +82,7 @@ def ask(
     if questions is None and any(not text.strip() for text in question):
         raise UsageError("empty question in -q", hint="each -q takes a question: -q \"What is it?\"")
     if questions is None and not images:
-        from llavanext_cli.inputs import no_input_images
+        from llavanext_cli.io.inputs import no_input_images
 
         raise no_input_images()
     settings = settings_for(flags, config)

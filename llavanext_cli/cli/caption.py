@@ -58,15 +58,15 @@ def caption(
       llava caption dataset/ -r --format imagefolder -o dataset/metadata.jsonl --resume
     """
     flags = opt.model_flags(locals())
-    from llavanext_cli.answering import PromptJob
+    from llavanext_cli.engine.answering import PromptJob
     from llavanext_cli.cli.execute import answer
     from llavanext_cli.cli.run import settings_for
-    from llavanext_cli.dataset_outputs import DataSetFlags
-    from llavanext_cli.inputs import expand_inputs
-    from llavanext_cli.records import Subject
+    from llavanext_cli.io.dataset_outputs import DataSetFlags
+    from llavanext_cli.io.inputs import expand_inputs
+    from llavanext_cli.io.records import Subject
 
     if not images:
-        from llavanext_cli.inputs import no_input_images
+        from llavanext_cli.io.inputs import no_input_images
 
         raise no_input_images()
     settings = settings_for(flags, config)

@@ -13,7 +13,7 @@ import typer
 from llavanext_cli.cli import options as opt
 from llavanext_cli.cli.console import print_error, stderr, warn
 from llavanext_cli.errors import EXIT_INPUT_FAILED, LlavaError, UsageError
-from llavanext_cli.figures import RunFigures
+from llavanext_cli.engine.figures import RunFigures
 
 HELP = """Commands:
   /image PATH [PATH...]  attach images (files or URLs) to your next message
@@ -60,11 +60,11 @@ def chat(
       printf 'What is this?\\nWhat colour is it?\\n' | llava chat photo.jpg --format jsonl
     """
     flags = opt.model_flags(locals())
-    from llavanext_cli.chat import ChatSession
+    from llavanext_cli.engine.chat import ChatSession
     from llavanext_cli.cli.run import open_run, settings_for
-    from llavanext_cli.images import ImageFetching
-    from llavanext_cli.inputs import expand_inputs
-    from llavanext_cli.plan import GenerationOptions, check_combinations, plan_execution
+    from llavanext_cli.io.images import ImageFetching
+    from llavanext_cli.io.inputs import expand_inputs
+    from llavanext_cli.engine.plan import GenerationOptions, check_combinations, plan_execution
 
     if output_format not in (None, "text", "jsonl"):
         raise UsageError(f"--format must be text or jsonl for chat, not {output_format!r}")

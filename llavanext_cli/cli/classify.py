@@ -72,23 +72,23 @@ def classify(
     flags = opt.model_flags(locals())
     from llavanext_cli.cli.execute import execute
     from llavanext_cli.cli.run import settings_for
-    from llavanext_cli.images import ImageFetching
-    from llavanext_cli.inputs import expand_inputs, expand_with_truth
-    from llavanext_cli.records import Subject
-    from llavanext_cli.scoring import (
+    from llavanext_cli.io.images import ImageFetching
+    from llavanext_cli.io.inputs import expand_inputs, expand_with_truth
+    from llavanext_cli.io.records import Subject
+    from llavanext_cli.engine.scoring import (
         LabelJob, classification_prompt, classify_inputs, labels_from_truths, parse_labels, truths_outside)
 
     if labels is not None and labels_file is not None:
         raise UsageError("give --labels or --labels-file, not both")
     label_list = None
     if labels_file is not None:
-        from llavanext_cli.textfiles import read_text
+        from llavanext_cli.io.textfiles import read_text
 
         label_list = parse_labels(lines=read_text(labels_file, "labels file").splitlines())
     elif labels is not None or not truth_from_dirs:
         label_list = parse_labels(labels)
     if not images:
-        from llavanext_cli.inputs import no_input_images
+        from llavanext_cli.io.inputs import no_input_images
 
         raise no_input_images()
     settings = settings_for(flags, config)
@@ -115,7 +115,7 @@ def classify(
         return classify_inputs(run.checkpoint, todo, question, label_list, settings.normalize, settings.batch_size,
                                fetching)
 
-    from llavanext_cli.dataset_outputs import DataSetFlags
+    from llavanext_cli.io.dataset_outputs import DataSetFlags
 
     return execute(settings, jobs, records_for, output, resume, verbose,
                    draw=lambda record: show_scores(record, len(jobs) > 1, top_k),

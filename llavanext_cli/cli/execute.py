@@ -16,13 +16,13 @@ from typing import Any, Protocol
 from llavanext_cli.cli.console import stderr, warn
 from llavanext_cli.cli.output import Display, stream_to_stdout, write_records
 from llavanext_cli.cli.run import Run, check_output, open_run
-from llavanext_cli.dataset_outputs import DataSetFlags, ImageFolder, Sidecars
+from llavanext_cli.io.dataset_outputs import DataSetFlags, ImageFolder, Sidecars
 from llavanext_cli.errors import EXIT_INPUT_FAILED, Terminated, say_how_to_go_on
-from llavanext_cli.figures import RunFigures
-from llavanext_cli.images import missing_file
-from llavanext_cli.records import JsonRecord, Record, Subject, resume_key
-from llavanext_cli.settings import Settings
-from llavanext_cli.writers import (
+from llavanext_cli.engine.figures import RunFigures
+from llavanext_cli.io.images import missing_file
+from llavanext_cli.io.records import JsonRecord, Record, Subject, resume_key
+from llavanext_cli.io.settings import Settings
+from llavanext_cli.io.writers import (
     APPENDED_FORMATS, OutputLock, RecordSink, end_on_a_whole_line, format_for, read_finished_keys)
 
 
@@ -40,17 +40,17 @@ RecordsFor = Callable[[Run, list[Any], OnText | None], Iterator[Record]]
 def answer(settings: Settings, jobs: Sequence[Job], output: Path | None, resume: bool, verbose: bool,
            schema: str | None = None, data_set: DataSetFlags = DataSetFlags()) -> int:
     """caption / ask: generate an answer for each job; with `schema` (--schema), a JSON answer valid against it."""
-    from llavanext_cli.answering import answer_jobs
-    from llavanext_cli.concurrency import resolve_workers
-    from llavanext_cli.images import ImageFetching
-    from llavanext_cli.plan import GenerationOptions, check_combinations, plan_execution
-    from llavanext_cli.sharding import data_parallel_from_env
+    from llavanext_cli.engine.answering import answer_jobs
+    from llavanext_cli.engine.concurrency import resolve_workers
+    from llavanext_cli.io.images import ImageFetching
+    from llavanext_cli.engine.plan import GenerationOptions, check_combinations, plan_execution
+    from llavanext_cli.io.sharding import data_parallel_from_env
 
     options = GenerationOptions.from_settings(settings)
     fetching = ImageFetching.from_settings(settings)
     answer_schema = None
     if schema is not None:  # read and checked now: a schema the decoder cannot enforce is exit 2 before any load
-        from llavanext_cli.structured import load_schema
+        from llavanext_cli.engine.structured import load_schema
 
         answer_schema = load_schema(schema)
     check_combinations(options, compile=settings.compile, workers=settings.workers, schema=answer_schema,
@@ -77,7 +77,7 @@ def execute(settings: Settings, jobs: Sequence[Job], records_for: RecordsFor, ou
     """Run `records_for` over the jobs not yet done and write its records. On a terminal, one answer streams as it
     is generated (where `streams`), or a command draws its own display (`draw`); files and pipes get the records.
     `data_set`: the training-set outputs (caption files beside the images, an imagefolder's metadata.jsonl)."""
-    from llavanext_cli.sharding import data_parallel_from_env
+    from llavanext_cli.io.sharding import data_parallel_from_env
 
     fmt = format_for(settings.format, output)
     # Text lines name the prompt too when the jobs ask more than one (ask -q A -q B, --questions); so do the lines
@@ -242,7 +242,7 @@ def _execute_shard(settings: Settings, jobs: Sequence[Job], records_for: Records
     is not redone, so a rerun after a crash completes the set. The shards hold records (with their inputs'
     positions); an imagefolder's lines are made from them at the merge. Each process writes the caption files of
     its own images (--sidecar)."""
-    from llavanext_cli.sharding import (
+    from llavanext_cli.io.sharding import (
         ProcessGroup, existing_shards, merge_shards, my_share, read_shard_records, require_jsonl_output, shard_path,
         shard_shape)
 

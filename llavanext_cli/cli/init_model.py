@@ -29,8 +29,8 @@ def init_model(
     """
     from llavanext_cli.cli.console import stderr
     from llavanext_cli.errors import SetupError, UsageError
-    from llavanext_cli.init_model import build_checkpoint
-    from llavanext_cli.loading import configure_library_logging
+    from llavanext_cli.model.init_model import build_checkpoint
+    from llavanext_cli.model.loading import configure_library_logging
 
     if seed is not None and seed < 0:
         raise UsageError(f"--seed must be a non-negative integer, not {seed}")

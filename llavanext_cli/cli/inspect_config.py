@@ -42,9 +42,9 @@ def inspect_config(
       llava inspect-config ./tiny --schema 'count int, kind: person|animal|object'   (the prompt --schema sends)
     """
     from llavanext_cli.cli.console import warn
-    from llavanext_cli.inspection import DEFAULT_INSPECT_PROMPT, inspect_checkpoint, parse_image_size, parse_memory
+    from llavanext_cli.model.inspection import DEFAULT_INSPECT_PROMPT, inspect_checkpoint, parse_image_size, parse_memory
     from llavanext_cli.cli.run import user_config_path
-    from llavanext_cli.settings import load_settings
+    from llavanext_cli.io.settings import load_settings
 
     if output_format not in ("text", "json"):
         raise UsageError(f"--format must be text or json for inspect-config, not {output_format!r}")
@@ -55,12 +55,12 @@ def inspect_config(
     size = parse_image_size(image_size) if image_size else None
     parse_memory(gpu_memory)
 
-    from llavanext_cli.loading import configure_library_logging
+    from llavanext_cli.model.loading import configure_library_logging
 
     configure_library_logging(verbose)
     question = prompt or DEFAULT_INSPECT_PROMPT
     if schema is not None:
-        from llavanext_cli.structured import load_schema
+        from llavanext_cli.engine.structured import load_schema
 
         question = load_schema(schema).prompt(question)  # what caption / ask --schema send
     report = inspect_checkpoint(settings.model, prompt=question, image_size=size,

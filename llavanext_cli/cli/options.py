@@ -119,7 +119,7 @@ def model_flags(parameters: dict[str, Any]) -> dict[str, Any]:
     """The settings among a command's parameters (pass `locals()` first thing), as given (None = not given).
     A parameter that is neither a setting nor listed as a command's own is a programming error, raised at once:
     it would otherwise be silently dropped on its way to the settings."""
-    from llavanext_cli.settings import SETTING_NAMES
+    from llavanext_cli.io.settings import SETTING_NAMES
 
     flags = {}
     for name, value in parameters.items():
@@ -171,7 +171,7 @@ def describe_defaults(group: Any) -> None:
     """Add to each option's help its default and, for a setting, its LLAVA_* variable (the values of
     configs/default.yaml, which a user or --config file may change); show no value placeholder for flags.
     Applied to the app's click commands once per invocation, so that no option's help has to repeat it."""
-    from llavanext_cli.settings import SETTING_NAMES, env_var_name, project_defaults
+    from llavanext_cli.io.settings import SETTING_NAMES, env_var_name, project_defaults
 
     defaults = project_defaults()
     for command in (group, *getattr(group, "commands", {}).values()):

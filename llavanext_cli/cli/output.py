@@ -12,9 +12,9 @@ from typing import Any
 
 from llavanext_cli.cli.console import stderr, warn
 from llavanext_cli.errors import EXIT_INPUT_FAILED, Terminated
-from llavanext_cli.figures import RunFigures
-from llavanext_cli.records import JsonRecord, Record
-from llavanext_cli.writers import RecordSink
+from llavanext_cli.engine.figures import RunFigures
+from llavanext_cli.io.records import JsonRecord, Record
+from llavanext_cli.io.writers import RecordSink
 
 
 @dataclass(frozen=True)

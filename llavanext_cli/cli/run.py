@@ -10,8 +10,8 @@ from typing import Any
 
 from llavanext_cli.cli.console import warn
 from llavanext_cli.errors import UsageError
-from llavanext_cli.settings import Settings, load_settings
-from llavanext_cli.writers import APPENDED_FORMATS, OutputLock, check_writable
+from llavanext_cli.io.settings import Settings, load_settings
+from llavanext_cli.io.writers import APPENDED_FORMATS, OutputLock, check_writable
 
 
 def user_config_path() -> Path:
@@ -60,9 +60,9 @@ class Run:
 def open_run(settings: Settings, verbose: bool) -> Run:
     """Open the checkpoint for a run whose settings, inputs and output have been checked (the weights load on
     first use, while the first inputs are being prepared)."""
-    from llavanext_cli.checkpoint import open_checkpoint
+    from llavanext_cli.model.checkpoint import open_checkpoint
     from llavanext_cli.cli import collector
-    from llavanext_cli.loading import configure_library_logging
+    from llavanext_cli.model.loading import configure_library_logging
 
     configure_library_logging(verbose)
     checkpoint = open_checkpoint(settings, on_loaded=collector.model_loaded)

@@ -13,7 +13,7 @@ import typer
 from llavanext_cli.errors import UsageError
 
 if TYPE_CHECKING:
-    from llavanext_cli.evaluation import Evaluation
+    from llavanext_cli.engine.evaluation import Evaluation
 
 
 def score(
@@ -64,7 +64,7 @@ def score(
       llava score run.json --format csv > per_label.csv
     """
     from llavanext_cli.cli.console import warn
-    from llavanext_cli.evaluation import STDIN_NAME, evaluate, read_records, repeated_inputs
+    from llavanext_cli.engine.evaluation import STDIN_NAME, evaluate, read_records, repeated_inputs
 
     if output_format not in ("text", "json", "csv"):
         raise UsageError(f"--format must be text, json or csv for score, not {output_format!r}")

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TextIO
 
 from llavanext_cli.errors import InputWarning, UsageError
-from llavanext_cli.images import IMAGE_EXTENSIONS, is_url
+from llavanext_cli.io.images import IMAGE_EXTENSIONS, is_url
 
 _GLOB_CHARS = set("*?[")
 

@@ -16,7 +16,7 @@ from functools import lru_cache
 from typing import IO, Any, Optional
 
 from llavanext_cli.errors import UsageError
-from llavanext_cli.textfiles import read_text
+from llavanext_cli.io.textfiles import read_text
 
 STDIN_NAME = "<stdin>"
 CLASSIFICATION = "classification"

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from llavanext_cli.errors import SetupError, UsageError
-from llavanext_cli.resources import prompts_dir
-from llavanext_cli.yamlfile import read_yaml
+from llavanext_cli.io.resources import prompts_dir
+from llavanext_cli.io.yamlfile import read_yaml
 
 Message = dict[str, Any]
 

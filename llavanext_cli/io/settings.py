@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from llavanext_cli.errors import SetupError, UsageError
-from llavanext_cli.resources import configs_dir
-from llavanext_cli.yamlfile import read_yaml
+from llavanext_cli.io.resources import configs_dir
+from llavanext_cli.io.yamlfile import read_yaml
 
 DTYPES = ("auto", "float16", "bfloat16", "float32")
 QUANTS = ("none", "4bit", "8bit")
@@ -39,7 +39,7 @@ class _Spec:
 
 
 def _check_max_memory(value: str, source: str) -> None:
-    from llavanext_cli.loading import parse_max_memory
+    from llavanext_cli.model.loading import parse_max_memory
 
     parse_max_memory(value, source)
 

@@ -19,16 +19,16 @@ from typing import Any
 
 from PIL import Image
 
-from llavanext_cli.checkpoint import Checkpoint
+from llavanext_cli.model.checkpoint import Checkpoint
 from llavanext_cli.errors import InputError, UsageError
-from llavanext_cli.generation import generate, is_out_of_memory, release_memory
-from llavanext_cli.plan import ExecutionPlan
-from llavanext_cli.images import ImageFetching, image_from_bytes, is_url, why_unreadable
-from llavanext_cli.prefix_cache import (
+from llavanext_cli.engine.generation import generate, is_out_of_memory, release_memory
+from llavanext_cli.engine.plan import ExecutionPlan
+from llavanext_cli.io.images import ImageFetching, image_from_bytes, is_url, why_unreadable
+from llavanext_cli.engine.prefix_cache import (
     ConversationCache, expand_image_tokens, image_token_id, image_token_runs, process_images, tokenize)
-from llavanext_cli.preprocessing import prepare_inputs
-from llavanext_cli.textfiles import read_text
-from llavanext_cli.writers import write_atomically
+from llavanext_cli.model.preprocessing import prepare_inputs
+from llavanext_cli.io.textfiles import read_text
+from llavanext_cli.io.writers import write_atomically
 
 Message = dict[str, Any]
 TURN_OUT_OF_MEMORY = ("out of memory: this turn does not fit (the conversation is kept as it was); try /reset, fewer "

@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from llavanext_cli.errors import LlavaError, SetupError
-from llavanext_cli.loading import is_local_checkpoint, load_config, load_processor
-from llavanext_cli.memory import count_parameters, memory_bytes
-from llavanext_cli.prompts import load_registry, match_model_id, resolve_prompt_format, single_image_conversation
-from llavanext_cli.checkpoint import choose_prompt_format
+from llavanext_cli.model.loading import is_local_checkpoint, load_config, load_processor
+from llavanext_cli.model.memory import count_parameters, memory_bytes
+from llavanext_cli.model.prompts import load_registry, match_model_id, resolve_prompt_format, single_image_conversation
+from llavanext_cli.model.checkpoint import choose_prompt_format
 
 DEFAULT_INSPECT_PROMPT = "What is shown in this image?"
 _VISION_KEYS = ("model_type", "image_size", "patch_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
@@ -23,7 +23,7 @@ GPU_HEADROOM = 1.2
 
 def parse_memory(text: str) -> int:
     """'80GiB' -> bytes."""
-    from llavanext_cli.loading import memory_size
+    from llavanext_cli.model.loading import memory_size
 
     return memory_size(text, "--gpu-memory")
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from llavanext_cli.errors import SetupError, UsageError
-from llavanext_cli.textfiles import read_text
+from llavanext_cli.io.textfiles import read_text
 
 # Keywords enforced while decoding (each checked by generating under it and validating every answer), and
 # annotations, which constrain nothing.

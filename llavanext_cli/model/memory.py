@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from llavanext_cli.errors import SetupError
-from llavanext_cli.loading import UNQUANTIZED_MODULES
+from llavanext_cli.model.loading import UNQUANTIZED_MODULES
 
 BYTES_PER_PARAMETER = {"float32": 4, "float16": 2, "bfloat16": 2}
 

@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from llavanext_cli.errors import UsageError
-from llavanext_cli.images import is_url
-from llavanext_cli.records import DATA_KEY, Failure, JsonRecord, Record, Subject
-from llavanext_cli.writers import create_temporary, read_finished_keys, write_atomically
+from llavanext_cli.io.images import is_url
+from llavanext_cli.io.records import DATA_KEY, Failure, JsonRecord, Record, Subject
+from llavanext_cli.io.writers import create_temporary, read_finished_keys, write_atomically
 
 SIDECAR_EXTENSION = ".txt"
 METADATA_NAME = "metadata.jsonl"
@@ -309,7 +309,7 @@ class ImageFolder:
         """A data-parallel run's end (the main process, once every process is done): the records of the shards
         beside the metadata file, in input order, appended to it as lines (successes only); the shards removed.
         Returns the records merged (the failures among them decide the exit code)."""
-        from llavanext_cli.sharding import merge_shards
+        from llavanext_cli.io.sharding import merge_shards
 
         return merge_shards(self.metadata, self._shard_row)
 

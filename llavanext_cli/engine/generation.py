@@ -14,10 +14,10 @@ from typing import Any
 
 from PIL import Image
 
-from llavanext_cli.cache_api import with_cache
-from llavanext_cli.checkpoint import Checkpoint
-from llavanext_cli.plan import ExecutionPlan
-from llavanext_cli.preprocessing import prepare_inputs
+from llavanext_cli.model.cache_api import with_cache
+from llavanext_cli.model.checkpoint import Checkpoint
+from llavanext_cli.engine.plan import ExecutionPlan
+from llavanext_cli.model.preprocessing import prepare_inputs
 
 
 @dataclass(frozen=True)
@@ -122,7 +122,7 @@ def generate_from_inputs(checkpoint: Checkpoint, inputs: Any, plan: ExecutionPla
     rows' attended input tokens). With `constraint`, decoding follows its schema, one matcher per row."""
     import torch
 
-    from llavanext_cli.loading import eager_forward
+    from llavanext_cli.model.loading import eager_forward
 
     start = time.perf_counter() if start is None else start
     inputs = on_model(checkpoint, inputs)

@@ -15,12 +15,12 @@ from typing import Any
 
 from PIL import Image
 
-from llavanext_cli.cache_api import cache_of, with_cache
-from llavanext_cli.checkpoint import Checkpoint
+from llavanext_cli.model.cache_api import cache_of, with_cache
+from llavanext_cli.model.checkpoint import Checkpoint
 from llavanext_cli.errors import InputError, UsageError
-from llavanext_cli.images import ImageFetching
-from llavanext_cli.prompts import single_image_conversation
-from llavanext_cli.records import Classification, Failure, Record, Subject, classification_key
+from llavanext_cli.io.images import ImageFetching
+from llavanext_cli.model.prompts import single_image_conversation
+from llavanext_cli.io.records import Classification, Failure, Record, Subject, classification_key
 
 
 def parse_labels(text: str | None = None, lines: Sequence[str] | None = None) -> list[str]:
@@ -131,8 +131,8 @@ def score_labels(
     is the prompt's cache and one label's tokens, whatever the number of labels."""
     import torch
 
-    from llavanext_cli.loading import eager_forward
-    from llavanext_cli.prefix_cache import cut_back, new_cache
+    from llavanext_cli.model.loading import eager_forward
+    from llavanext_cli.engine.prefix_cache import cut_back, new_cache
 
     processor = checkpoint.processor
     tokenizer = processor.tokenizer
@@ -144,7 +144,7 @@ def score_labels(
         raise UsageError(f"label {merge.label!r} merges with the end of the prompt when tokenized",
                          hint="end the prompt with a space or punctuation, or change the label") from merge
 
-    from llavanext_cli.preprocessing import prepare_inputs
+    from llavanext_cli.model.preprocessing import prepare_inputs
 
     inputs = prepare_inputs(processor, [prompt] * len(images), [[image] for image in images])
     inputs = inputs.to(model.device)
@@ -230,7 +230,7 @@ def _score_halving(checkpoint: Checkpoint, ready: list[tuple[int, LabelJob, Imag
                    labels: Sequence[str], normalize: str) -> list[LabelScores | str]:
     """score_labels over these images; out of memory, over each half in turn, down to one image, whose result is
     then the error's message."""
-    from llavanext_cli.generation import OUT_OF_MEMORY, is_out_of_memory, release_memory
+    from llavanext_cli.engine.generation import OUT_OF_MEMORY, is_out_of_memory, release_memory
 
     if not ready:
         return []

@@ -24,11 +24,11 @@ from typing import Any
 
 from PIL import Image
 
-from llavanext_cli.cache_api import cache_of, with_cache
-from llavanext_cli.generation import (
+from llavanext_cli.model.cache_api import cache_of, with_cache
+from llavanext_cli.engine.generation import (
     OUT_OF_MEMORY, Generation, generate_from_inputs, is_out_of_memory, on_model, release_memory)
-from llavanext_cli.plan import ExecutionPlan
-from llavanext_cli.preprocessing import identity_image_steps
+from llavanext_cli.engine.plan import ExecutionPlan
+from llavanext_cli.model.preprocessing import identity_image_steps
 
 
 def image_token_id(processor: Any) -> int:
@@ -159,7 +159,7 @@ def encode_prefix(checkpoint: Any, shared: SharedPrompts) -> Any:
     """The shared ids (images included) run through the model once: their key/value cache."""
     import torch
 
-    from llavanext_cli.loading import eager_forward
+    from llavanext_cli.model.loading import eager_forward
 
     model = checkpoint.model
     prefix = torch.tensor([shared.ids[0][:shared.prefix_length]], device=checkpoint.device)

@@ -15,8 +15,8 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Generic, TypeVar
 
-from llavanext_cli.images import image_size_without_decoding
-from llavanext_cli.preprocessing import image_token_count
+from llavanext_cli.io.images import image_size_without_decoding
+from llavanext_cli.model.preprocessing import image_token_count
 
 T = TypeVar("T")
 _DONE: Any = object()

@@ -15,10 +15,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from llavanext_cli.loading import (
+from llavanext_cli.model.loading import (
     LoadOptions, ModelPlan, load_config, load_generation_config, load_planned_model, load_processor, plan_model)
-from llavanext_cli.prompts import PromptFormatChoice, resolve_prompt_format
-from llavanext_cli.settings import Settings
+from llavanext_cli.model.prompts import PromptFormatChoice, resolve_prompt_format
+from llavanext_cli.io.settings import Settings
 
 
 class Checkpoint:
@@ -81,7 +81,7 @@ class Checkpoint:
 
 
 def load_options(settings: Settings) -> LoadOptions:
-    from llavanext_cli.loading import parse_max_memory
+    from llavanext_cli.model.loading import parse_max_memory
 
     return LoadOptions(
         compile=settings.compile,
@@ -117,12 +117,12 @@ def open_checkpoint(settings: Settings, on_loaded: Callable[[], None] | None = N
     options = load_options(settings)
     plan = plan_model(settings.model, config, options)
     if settings.memory_check:  # before a weight is read
-        from llavanext_cli.memory import check_weights_fit
+        from llavanext_cli.model.memory import check_weights_fit
 
         check_weights_fit(settings.model, config, plan.device, plan.kwargs.get("device_map"), plan.kwargs["dtype"],
                           options.quant, options.max_memory)
     if plan.device == "cpu":
-        from llavanext_cli.concurrency import use_cpu_cores
+        from llavanext_cli.engine.concurrency import use_cpu_cores
 
         use_cpu_cores(workers=1)
     return Checkpoint(settings.model, config, processor, prompt, plan, settings.offline, on_loaded, generation_config)

@@ -11,14 +11,14 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from llavanext_cli.checkpoint import Checkpoint
+from llavanext_cli.model.checkpoint import Checkpoint
 from llavanext_cli.errors import InputError, InputWarning, UsageError
-from llavanext_cli.generation import generate
-from llavanext_cli.images import ImageFetching, is_url
-from llavanext_cli.plan import ExecutionPlan
-from llavanext_cli.prompts import single_image_conversation
-from llavanext_cli.records import MADE_KEYS, NO_DATA, Answer, Failure, Record, Subject, answer_key
-from llavanext_cli.textfiles import read_text
+from llavanext_cli.engine.generation import generate
+from llavanext_cli.io.images import ImageFetching, is_url
+from llavanext_cli.engine.plan import ExecutionPlan
+from llavanext_cli.model.prompts import single_image_conversation
+from llavanext_cli.io.records import MADE_KEYS, NO_DATA, Answer, Failure, Record, Subject, answer_key
+from llavanext_cli.io.textfiles import read_text
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,7 @@ def plan_units(jobs: Sequence[PromptJob], counts_of: Callable[[list[int]], list[
     """The units of work, in order of their first job: each subject asked several questions is one unit (its image
     shared by its prompts); the other jobs are batched by image-token count as usual (`counts_of`: the counts of
     the jobs at these indices, asked for those jobs only)."""
-    from llavanext_cli.pipeline import plan_batches
+    from llavanext_cli.engine.pipeline import plan_batches
 
     groups = group_by_subject(jobs) if share else [[index] for index in range(len(jobs))]
     several = [Unit(group, shared=True) for group in groups if len(group) > 1]
@@ -117,8 +117,8 @@ def answer_jobs(
     generated (one job only). With `constraint` (--schema), the schema goes to the model after each question and
     each answer is JSON valid against it, or an error record. Sampling with --seed, each job draws from its own
     random stream (a batch of several, from its first job's)."""
-    from llavanext_cli.pipeline import prefetch_depth, run_pipelined, token_counts
-    from llavanext_cli.preprocessing import largest_model_edge, prepare_inputs
+    from llavanext_cli.engine.pipeline import prefetch_depth, run_pipelined, token_counts
+    from llavanext_cli.model.preprocessing import largest_model_edge, prepare_inputs
 
     processor = checkpoint.preparing_processor  # made here, on this thread, before the background one starts
     draft_edge = largest_model_edge(processor.image_processor) if fast_decode else None
@@ -131,7 +131,7 @@ def answer_jobs(
     workers = max(1, min(plan.workers, len(units)))
     cancelled = threading.Event()
     if on_cpu:  # before any worker thread starts: each thread takes torch's thread count when it first runs
-        from llavanext_cli.concurrency import use_cpu_cores
+        from llavanext_cli.engine.concurrency import use_cpu_cores
 
         use_cpu_cores(workers)
 
@@ -164,7 +164,7 @@ def answer_jobs(
         indices = unit.indices
         if not unit.shared:
             return [prepare_batch(indices, {})]
-        from llavanext_cli.prefix_cache import prepare_shared
+        from llavanext_cli.engine.prefix_cache import prepare_shared
 
         first = jobs[indices[0]]
         try:
@@ -186,7 +186,7 @@ def answer_jobs(
                 yield from _run_batch(part)
 
     def _run_group(group: _PreparedGroup) -> Iterator[tuple[int, Record]]:
-        from llavanext_cli.prefix_cache import generate_shared
+        from llavanext_cli.engine.prefix_cache import generate_shared
 
         results = generate_shared(checkpoint, group.shared, plan, rows_per_pass=batch_size, cancelled=cancelled,
                                   constraint=constraint, seeds=[plan.seed_for(jobs[i].key()) for i in group.indices])

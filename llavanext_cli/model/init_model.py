@@ -16,10 +16,10 @@ from typing import Any
 import yaml
 
 from llavanext_cli.errors import SetupError, UsageError
-from llavanext_cli.loading import SUPPORTED_ARCHITECTURES
-from llavanext_cli.prompts import load_registry
-from llavanext_cli.writers import usual_file_mode
-from llavanext_cli.yamlfile import read_yaml
+from llavanext_cli.model.loading import SUPPORTED_ARCHITECTURES
+from llavanext_cli.model.prompts import load_registry
+from llavanext_cli.io.writers import usual_file_mode
+from llavanext_cli.io.yamlfile import read_yaml
 
 SPEC_FIELDS = ("architecture", "seed", "dtype", "tokenizer", "chat_template", "vision", "text", "config",
                "image_processor", "init")

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from llavanext_cli.errors import UsageError
-from llavanext_cli.records import JsonRecord, Record, csv_columns, csv_rows, text_line
+from llavanext_cli.io.records import JsonRecord, Record, csv_columns, csv_rows, text_line
 
 OUTPUT_FORMATS = ("text", "json", "jsonl", "csv", "imagefolder")
 # The formats appended to a file line by line (locked while a run writes; --resume reads them back).

@@ -283,7 +283,7 @@ def plan_model(model: str, config: Any, options: LoadOptions) -> ModelPlan:
         kwargs["quantization_config"] = quant
     # accelerate places the weights: "auto" spreads a large checkpoint over every visible GPU, except in a
     # data-parallel run, where each process has its own GPU (LOCAL_RANK).
-    from llavanext_cli.sharding import data_parallel_from_env
+    from llavanext_cli.io.sharding import data_parallel_from_env
 
     parallel = data_parallel_from_env()
     if options.device == "auto" and device == "cuda" and parallel is not None:

@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 
 from llavanext_cli.errors import SetupError
-from llavanext_cli.textfiles import read_text
+from llavanext_cli.io.textfiles import read_text
 
 
 def yaml_problem(exc: yaml.YAMLError) -> str:
