@@ -38,6 +38,11 @@ class InputError(LlavaError):
     exit_code = EXIT_INPUT_FAILED
 
 
+class Cancelled(Exception):
+    """A call its caller gave up on (a server's client that went away) stopped after its current step; what it made
+    is not kept."""
+
+
 class Terminated(BaseException):
     """SIGTERM, raised where the process is, so that every `finally` runs (records flushed, temporary files
     removed) before exit 143. Not a KeyboardInterrupt: nothing treats it as Ctrl-C on an answer."""

@@ -36,7 +36,7 @@ def test_precedence_flag_env_config_user_default(tmp_path):
 
 
 def test_user_config_location(tmp_path, monkeypatch):
-    from llavanext_cli.cli.run import user_config_path
+    from llavanext_cli.io.settings import user_config_path
 
     monkeypatch.setenv("LLAVA_HOME", str(tmp_path))
     assert user_config_path() == tmp_path / "config.yaml"

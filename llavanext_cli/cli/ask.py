@@ -68,24 +68,22 @@ def ask(
       llava ask dataset/ -q "List the objects in this image, comma-separated." --sidecar
     """
     flags = opt.model_flags(locals())
+    from llavanext_cli.api.model import check_questions
+    from llavanext_cli.cli.batch import answering, command_model, run_batch
     from llavanext_cli.engine.answering import PromptJob, open_questions
-    from llavanext_cli.cli.execute import answer
-    from llavanext_cli.cli.run import settings_for
     from llavanext_cli.io.dataset_outputs import DataSetFlags
-    from llavanext_cli.io.inputs import expand_inputs
+    from llavanext_cli.io.inputs import expand_inputs, no_input_images
     from llavanext_cli.io.records import Subject
+    from llavanext_cli.io.settings import resolve_settings
 
     if questions is not None and (question is not None or images or together):
         raise UsageError("--questions takes its images and questions from the file: drop IMAGES, -q and --together")
-    if questions is None and not question:
-        raise UsageError("no question", hint="pass -q QUESTION, or --questions FILE.jsonl")
-    if questions is None and any(not text.strip() for text in question):
-        raise UsageError("empty question in -q", hint="each -q takes a question: -q \"What is it?\"")
-    if questions is None and not images:
-        from llavanext_cli.io.inputs import no_input_images
-
-        raise no_input_images()
-    settings = settings_for(flags, config)
+    if questions is None:
+        question = check_questions(question)
+        if not images:
+            raise no_input_images()
+    model = command_model(resolve_settings(flags, config))
+    records_of = answering(model, schema)
     if questions is not None:
         jobs = open_questions(questions, sys.stdin)
     else:
@@ -93,4 +91,5 @@ def ask(
         subjects = [Subject(tuple(found), together=True)] if together else [Subject.of(image) for image in found]
         jobs = [PromptJob(subject, text) for subject in subjects for text in question]  # image-major
     data_set = DataSetFlags(sidecar=sidecar, overwrite=overwrite, prefix=prefix, suffix=suffix)
-    return answer(settings, jobs, output, resume, verbose, schema=schema, data_set=data_set)
+    return run_batch(model, jobs, records_of, output=output, resume=resume, verbose=verbose, data_set=data_set,
+                     streams=schema is None)

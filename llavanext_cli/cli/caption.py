@@ -58,19 +58,20 @@ def caption(
       llava caption dataset/ -r --format imagefolder -o dataset/metadata.jsonl --resume
     """
     flags = opt.model_flags(locals())
+    from llavanext_cli.cli.batch import answering, command_model, run_batch
     from llavanext_cli.engine.answering import PromptJob
-    from llavanext_cli.cli.execute import answer
-    from llavanext_cli.cli.run import settings_for
     from llavanext_cli.io.dataset_outputs import DataSetFlags
-    from llavanext_cli.io.inputs import expand_inputs
+    from llavanext_cli.io.inputs import expand_inputs, no_input_images
     from llavanext_cli.io.records import Subject
+    from llavanext_cli.io.settings import resolve_settings
 
     if not images:
-        from llavanext_cli.io.inputs import no_input_images
-
         raise no_input_images()
-    settings = settings_for(flags, config)
-    text = prompt if prompt is not None else settings.caption_prompt
+    model = command_model(resolve_settings(flags, config))
+    records_of = answering(model, schema)
+    text = prompt if prompt is not None else model.settings.caption_prompt
     jobs = [PromptJob(Subject.of(image), text) for image in expand_inputs(images, recursive=recursive, stdin=sys.stdin)]
     data_set = DataSetFlags(sidecar=sidecar, overwrite=overwrite, prefix=prefix, suffix=suffix)
-    return answer(settings, jobs, output, resume, verbose, schema=schema, data_set=data_set)
+    # A JSON answer is shown once it is whole: one cut short is an error, and its part must not reach stdout.
+    return run_batch(model, jobs, records_of, output=output, resume=resume, verbose=verbose, data_set=data_set,
+                     streams=schema is None)

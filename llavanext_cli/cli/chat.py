@@ -6,12 +6,12 @@ import json
 import shlex
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
 from llavanext_cli.cli import options as opt
-from llavanext_cli.cli.console import print_error, stderr, warn
+from llavanext_cli.cli import out
 from llavanext_cli.errors import EXIT_INPUT_FAILED, LlavaError, UsageError
 from llavanext_cli.engine.figures import RunFigures
 
@@ -60,47 +60,38 @@ def chat(
       printf 'What is this?\\nWhat colour is it?\\n' | llava chat photo.jpg --format jsonl
     """
     flags = opt.model_flags(locals())
-    from llavanext_cli.engine.chat import ChatSession
-    from llavanext_cli.cli.run import open_run, settings_for
-    from llavanext_cli.io.images import ImageFetching
+    from llavanext_cli.cli.batch import command_model, open_model
+    from llavanext_cli.engine.plan import GenerationOptions, check_combinations
+    from llavanext_cli.io.formats import check_format
     from llavanext_cli.io.inputs import expand_inputs
-    from llavanext_cli.engine.plan import GenerationOptions, check_combinations, plan_execution
+    from llavanext_cli.io.settings import resolve_settings
 
-    if output_format not in (None, "text", "jsonl"):
-        raise UsageError(f"--format must be text or jsonl for chat, not {output_format!r}")
-    settings = settings_for(flags, config)
+    if output_format is not None:
+        check_format("chat", output_format)
+    model = command_model(resolve_settings(flags, config))
+    settings = model.settings
     # A format from the environment or a config file is for the batch commands; chat prints text or jsonl.
     output_format = settings.format if settings.format in ("text", "jsonl") else "text"
     sources = expand_inputs(images, stdin=sys.stdin) if images else []
-    options = GenerationOptions.from_settings(settings)
-    check_combinations(options, compile=settings.compile)
-    run = open_run(settings, verbose)
-    plan = plan_execution(run.checkpoint, options, compile=settings.compile)
-    run.checkpoint.load()  # now, not while the person waits for the first answer
-    session = ChatSession(run.checkpoint, plan, ImageFetching.from_settings(settings), system=system)
-    saved_settings = {
-        "dtype": settings.dtype, "quant": settings.quant, "quant_type": settings.quant_type, "seed": settings.seed,
-        "prompt_format": run.checkpoint.prompt.format.name, "max_new_tokens": settings.max_new_tokens,
-        "temperature": settings.temperature, "top_p": settings.top_p, "num_beams": settings.num_beams,
-        "system": system,
-    }
-    repl = ChatRepl(session, saved_settings, output_format, on_terminal=sys.stdin.isatty())
+    check_combinations(GenerationOptions.from_settings(settings), compile=settings.compile)
+    conversation = open_model(model, verbose).chat(system=system)
+    model.checkpoint.load()  # now, not while the person waits for the first answer
+    repl = ChatRepl(conversation, output_format, on_terminal=sys.stdin.isatty())
     failed = not repl.attach(sources)
     if sys.stdin.isatty():
         repl.interactive()
     else:
         failed = not repl.piped(sys.stdin) or failed
     if verbose:  # -v: the conversation's figures, as its last line
-        stderr.print(repl.figures.summary(run.checkpoint.load_seconds, run.checkpoint.device_type), highlight=False)
+        out.note(repl.figures.summary(model.checkpoint.load_seconds, model.checkpoint.device_type))
     return EXIT_INPUT_FAILED if failed else 0
 
 
 class ChatRepl:
-    """Slash commands and turns, for a terminal or a pipe."""
+    """Slash commands and turns of a conversation (an api.Chat), for a terminal or a pipe."""
 
-    def __init__(self, session, settings: dict, output_format: str, on_terminal: bool = False):
-        self.session = session
-        self.settings = settings
+    def __init__(self, conversation: Any, output_format: str, on_terminal: bool = False):
+        self.chat = conversation
         self.output_format = output_format
         self.on_terminal = on_terminal
         self.turn = 0
@@ -109,15 +100,15 @@ class ChatRepl:
     def note(self, text: str) -> None:
         """What a slash command did, for the person at a terminal; a pipe's stderr carries only warnings and errors."""
         if self.on_terminal:
-            stderr.print(text, highlight=False, markup=False)
+            out.note(text)
 
     def attach(self, sources: list[str]) -> bool:
         ok = True
         for source in sources:
             try:
-                self.session.attach(source)
+                self.chat.attach(source)
             except LlavaError as exc:
-                warn(f"{source}: {exc.message} (not attached)")
+                out.warn(f"{source}: {exc.message} (not attached)")
                 ok = False
         return ok
 
@@ -126,116 +117,106 @@ class ChatRepl:
         try:
             name, *args = shlex.split(line)
         except ValueError as exc:
-            warn(f"cannot parse {line!r}: {exc}")
+            out.warn(f"cannot parse {line!r}: {exc}")
             return False
         if name in ("/exit", "/quit"):
             return None
         if name == "/help":
-            stderr.print(HELP, highlight=False, markup=False)
+            out.note(HELP)
         elif name == "/reset":
-            self.session.reset()
+            self.chat.reset()
             self.turn = 0
             self.note("Conversation cleared.")
         elif name == "/image":
             if not args:
-                warn("usage: /image PATH [PATH...]")
+                out.warn("usage: /image PATH [PATH...]")
                 return False
             if not self.attach(args):
                 return False
             self.note(f"Attached to your next message: {', '.join(args)}")
         elif name in ("/save", "/load"):
             if len(args) != 1:
-                warn(f"usage: {name} FILE")
+                out.warn(f"usage: {name} FILE")
                 return False
             try:
                 if name == "/save":
-                    self.session.save(Path(args[0]), self.settings)
+                    self.chat.save(args[0])
                     self.note(f"Saved the conversation to {args[0]}.")
                 else:
-                    for message in self.session.load(Path(args[0])):
-                        warn(message)
-                    self.turn = sum(1 for m in self.session.messages if m["role"] == "assistant")
-                    self.note(f"Loaded {args[0]}: {len(self.session.messages)} messages.")
+                    for message in self.chat.load(args[0]):
+                        out.warn(message)
+                    self.turn = sum(1 for m in self.chat.messages if m["role"] == "assistant")
+                    self.note(f"Loaded {args[0]}: {len(self.chat.messages)} messages.")
             except LlavaError as exc:
-                print_error(exc.message, exc.hint)
+                out.error(exc.message, exc.hint)
                 return False
         else:
-            warn(f"unknown command {name} (/help lists them)")
+            out.warn(f"unknown command {name} (/help lists them)")
             return False
         return True
 
     def say(self, text: str, on_text=None):
-        reply = self.session.send(text, on_text=on_text)
+        answer = self.chat.send(text, on_text=on_text)
         self.turn += 1
-        self.figures.add(reply)
-        if reply.dropped_turns:
-            warn(f"the conversation outgrew the model's context: dropped the oldest {reply.dropped_turns} "
-                 f"exchange(s)")
-        return reply
+        self.figures.add(answer)
+        return answer
 
     def piped(self, stream) -> bool:
         ok = True
         for raw in stream:
-            line = raw.strip()
-            if not line:
+            text = raw.strip()
+            if not text:
                 continue
-            if line.startswith("/"):
-                result = self.command(line)
+            if text.startswith("/"):
+                result = self.command(text)
                 if result is None:
                     break
                 ok = ok and result
                 continue
             try:
-                reply = self.say(line)
+                answer = self.say(text)
             except LlavaError as exc:
                 # Still one line for this turn, so that answers stay aligned with the input lines.
-                print_error(exc.message, exc.hint)
+                out.error(exc.message, exc.hint)
                 ok = False
                 self.turn += 1
-                print(json.dumps({"turn": self.turn, "error": exc.message}, ensure_ascii=False)
-                      if self.output_format == "jsonl" else "", flush=True)
+                out.line(json.dumps({"turn": self.turn, "error": exc.message}, ensure_ascii=False)
+                         if self.output_format == "jsonl" else "")
                 continue
             if self.output_format == "jsonl":
-                print(json.dumps({"turn": self.turn, "text": reply.text}, ensure_ascii=False), flush=True)
+                out.line(json.dumps({"turn": self.turn, "text": answer.text}, ensure_ascii=False))
             else:
-                print(" ".join(reply.text.splitlines()), flush=True)
+                out.line(" ".join(answer.text.splitlines()))
         return ok
 
     def interactive(self) -> None:
         import readline  # noqa: F401  (line editing and history for input())
 
-        from rich.console import Console
-
-        console = Console(highlight=False)
-        checkpoint = self.session.checkpoint
-        console.print(f"[bold]llava chat[/bold] · {checkpoint.model_id} · prompt format "
-                      f"{checkpoint.prompt.format.name} · /help for commands, Ctrl-D to quit", markup=True)
-        if self.session.pending:  # the command line's images; /image says so itself
-            from rich.markup import escape
-
-            attached = ", ".join(item["path"] for item in self.session.pending)
-            console.print(f"[dim]Attached to your next message: {escape(attached)}[/dim]")
+        out.banner(f"llava chat · {self.chat.model.name} · prompt format {self.chat.prompt_format} · /help for "
+                   "commands, Ctrl-D to quit")
+        if self.chat.pending:  # the command line's images; /image says so itself
+            out.dim("Attached to your next message: " + ", ".join(item["path"] for item in self.chat.pending))
         while True:
             try:
-                line = console.input("[bold cyan]you>[/bold cyan] ").strip()
+                text = out.prompt("you>").strip()
             except EOFError:
-                console.print()
+                out.line()
                 return
             except KeyboardInterrupt:
-                console.print("\n[dim](use /exit or Ctrl-D to quit)[/dim]")
+                out.dim("\n(use /exit or Ctrl-D to quit)")
                 continue
-            if not line:
+            if not text:
                 continue
-            if line.startswith("/"):
-                if self.command(line) is None:
+            if text.startswith("/"):
+                if self.command(text) is None:
                     return
                 continue
-            console.print("[bold magenta]llava>[/bold magenta] ", end="")
+            out.speaker("llava>")
             try:
-                self.say(line, on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
-                console.print()
+                self.say(text, on_text=out.stream)
+                out.line()
             except KeyboardInterrupt:
-                console.print("\n[dim](answer stopped; the conversation is as it was before your message)[/dim]")
+                out.dim("\n(answer stopped; the conversation is as it was before your message)")
             except LlavaError as exc:
-                console.print()
-                print_error(exc.message, exc.hint)
+                out.line()
+                out.error(exc.message, exc.hint)

@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from llavanext_cli.cli import options as opt
+from llavanext_cli.cli import out
 from llavanext_cli.errors import UsageError
 
 
@@ -70,75 +71,21 @@ def classify(
       llava classify photos/ --labels "indoor,outdoor" --format imagefolder -o photos/metadata.jsonl
     """
     flags = opt.model_flags(locals())
-    from llavanext_cli.cli.execute import execute
-    from llavanext_cli.cli.run import settings_for
-    from llavanext_cli.io.images import ImageFetching
-    from llavanext_cli.io.inputs import expand_inputs, expand_with_truth
-    from llavanext_cli.io.records import Subject
-    from llavanext_cli.engine.scoring import (
-        LabelJob, classification_prompt, classify_inputs, labels_from_truths, parse_labels, truths_outside)
-
-    if labels is not None and labels_file is not None:
-        raise UsageError("give --labels or --labels-file, not both")
-    label_list = None
-    if labels_file is not None:
-        from llavanext_cli.io.textfiles import read_text
-
-        label_list = parse_labels(lines=read_text(labels_file, "labels file").splitlines())
-    elif labels is not None or not truth_from_dirs:
-        label_list = parse_labels(labels)
-    if not images:
-        from llavanext_cli.io.inputs import no_input_images
-
-        raise no_input_images()
-    settings = settings_for(flags, config)
-    if truth_from_dirs:
-        jobs = [LabelJob(Subject.of(source), truth)
-                for source, truth in expand_with_truth(images, recursive=recursive, stdin=sys.stdin)]
-        truths = [job.truth for job in jobs]
-        if label_list is None:
-            label_list = labels_from_truths(truths)
-        else:
-            outside = truths_outside(truths, label_list)
-            if outside:
-                from llavanext_cli.cli.console import warn
-
-                warn(f"{len(outside)} class folder{'s are' if len(outside) > 1 else ' is'} not among the labels, "
-                     f"so {'their' if len(outside) > 1 else 'its'} images can never be classified right: "
-                     + ", ".join(outside))
-    else:
-        jobs = [LabelJob(Subject.of(source)) for source in expand_inputs(images, recursive=recursive, stdin=sys.stdin)]
-    question = classification_prompt(prompt if prompt is not None else settings.classify_prompt, label_list)
-    fetching = ImageFetching.from_settings(settings)
-
-    def records_for(run, todo, on_text):
-        return classify_inputs(run.checkpoint, todo, question, label_list, settings.normalize, settings.batch_size,
-                               fetching)
-
+    from llavanext_cli.api.jobs import classify_jobs
+    from llavanext_cli.cli.batch import command_model, run_batch
+    from llavanext_cli.cli.views import classification_bars
+    from llavanext_cli.engine.scoring import classification_prompt
     from llavanext_cli.io.dataset_outputs import DataSetFlags
+    from llavanext_cli.io.settings import resolve_settings
 
-    return execute(settings, jobs, records_for, output, resume, verbose,
-                   draw=lambda record: show_scores(record, len(jobs) > 1, top_k),
-                   data_set=DataSetFlags(overwrite=overwrite))
+    jobs, label_list = classify_jobs(images, labels=labels, labels_file=labels_file, truth_from_dirs=truth_from_dirs,
+                                     recursive=recursive, stdin=sys.stdin)
+    model = command_model(resolve_settings(flags, config))
+    question = classification_prompt(prompt if prompt is not None else model.settings.classify_prompt, label_list)
 
+    def records_of(opened, todo, on_text):
+        return opened.classify_jobs(todo, label_list, question)
 
-def show_scores(record: dict, many: bool, top_k: int) -> None:
-    """The text display: the top-k labels of an image as horizontal bars, most probable first."""
-    from rich.console import Console
-    from rich.table import Table
-    from rich.text import Text
-
-    console = Console(highlight=False)
-    ranked = sorted(record["scores"].items(), key=lambda item: -item[1])[:top_k]
-    title = Text(str(record["image"])) if many else None
-    if "truth" in record:  # --truth-from-dirs
-        title = (title + "  " if title is not None else Text()) + Text(f"truth: {record['truth']}", style="not bold")
-    table = Table(show_header=False, box=None, padding=(0, 1), title=title, title_justify="left", title_style="bold")
-    table.add_column(no_wrap=True)
-    table.add_column(width=30, no_wrap=True)
-    table.add_column(justify="right")
-    for label, probability in ranked:
-        filled = round(probability * 30)
-        bar = Text("█" * filled, style="green") + Text("·" * (30 - filled), style="dim")
-        table.add_row(Text(label, style="bold" if label == record["label"] else ""), bar, f"{probability:6.1%}")
-    console.print(table)
+    return run_batch(model, jobs, records_of, output=output, resume=resume, verbose=verbose,
+                     draw=lambda record: out.view(classification_bars(record, len(jobs) > 1, top_k)),
+                     data_set=DataSetFlags(overwrite=overwrite))

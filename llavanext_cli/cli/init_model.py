@@ -27,7 +27,7 @@ def init_model(
 
       llava caption examples/chelsea.png -m ./tiny --max-new-tokens 12
     """
-    from llavanext_cli.cli.console import stderr
+    from llavanext_cli.cli import out
     from llavanext_cli.errors import SetupError, UsageError
     from llavanext_cli.model.init_model import build_checkpoint
     from llavanext_cli.model.loading import configure_library_logging
@@ -38,9 +38,8 @@ def init_model(
         raise SetupError(f"spec file not found: {spec}", hint="see configs/tiny-llava-next.yaml for an example spec")
     configure_library_logging(verbose)
     built = build_checkpoint(spec, out_dir, seed=seed, force=force)
-    stderr.print(
+    out.note(
         f"Built a {built.architecture} checkpoint with {built.parameters:,} parameters in {built.path} "
         f"(chat template: {built.chat_template or 'none'}).\nTry: llava caption IMAGE -m {built.path}",
-        highlight=False,
     )
     print(built.path)

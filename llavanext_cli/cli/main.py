@@ -19,8 +19,7 @@ except ImportError:  # pragma: no cover
 from llavanext_cli import __version__
 from llavanext_cli.cli import ask, caption, chat, classify, collector, init_model, inspect_config, score
 from llavanext_cli.cli import options as opt
-from llavanext_cli.cli import console
-from llavanext_cli.cli.console import print_error, warn
+from llavanext_cli.cli import out
 from llavanext_cli.errors import (
     EXIT_INTERRUPTED, EXIT_SETUP, EXIT_TERMINATED, EXIT_USAGE, LlavaError, Terminated, how_to_go_on)
 
@@ -68,12 +67,12 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     from llavanext_cli.errors import InputWarning
 
     own = issubclass(category, InputWarning)
-    if not own and not console.library_noise_shown():
+    if not own and not out.library_noise_shown():
         return
     text = " ".join(str(message).split())
     if not own:
         text += f" ({category.__name__}, {filename}:{lineno})"
-    warn(text)
+    out.warn(text)
 
 
 _MACHINE_SAID_NO = frozenset(getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EACCES", "EPERM", "EROFS", "EIO",
@@ -97,13 +96,13 @@ def _run_app(argv: list[str] | None) -> object:
 def main(argv: list[str] | None = None) -> None:
     """Entry point: one `Error:` line (and a `Hint:`) for a user mistake; with LLAVA_DEBUG=1 the traceback too,
     and the same exit code."""
-    debug = console.debugging()
-    console.set_verbose(False)  # until a command's -v says otherwise
+    debug = out.debugging()
+    out.set_verbose(False)  # until a command's -v says otherwise
 
     def fail(message: str, hint: str | None, code: int) -> None:
         if debug:
             traceback.print_exc()
-        print_error(message, hint)
+        out.error(message, hint)
         sys.exit(code)
 
     def terminate(signum: int, frame: object) -> None:
@@ -128,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
         if debug:
             traceback.print_exc()
         terminated = isinstance(stop, Terminated)
-        console.print_stopped("Terminated" if terminated else "Interrupted",
+        out.stopped("Terminated" if terminated else "Interrupted",
                               how_to_go_on(stop) or "finished records are kept.")
         sys.exit(EXIT_TERMINATED if terminated else EXIT_INTERRUPTED)
     except BrokenPipeError:

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from llavanext_cli.cli.console import set_verbose
+from llavanext_cli.cli.out import set_verbose
 
 _MODEL = "Model"
 _RUN = "Running"

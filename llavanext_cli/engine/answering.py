@@ -7,7 +7,7 @@ import json
 import os
 import threading
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -17,7 +17,7 @@ from llavanext_cli.engine.generation import generate
 from llavanext_cli.io.images import ImageFetching, is_url
 from llavanext_cli.engine.plan import ExecutionPlan
 from llavanext_cli.model.prompts import single_image_conversation
-from llavanext_cli.io.records import MADE_KEYS, NO_DATA, Answer, Failure, Record, Subject, answer_key
+from llavanext_cli.io.records import MADE_KEYS, NO_DATA, Answer, Failure, Record, Subject, input_key
 from llavanext_cli.io.textfiles import read_text
 
 
@@ -31,7 +31,7 @@ class PromptJob:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def key(self) -> str:
-        return answer_key(self.subject, self.prompt)
+        return input_key(self.subject.images, self.subject.together, self.prompt)
 
     def failure(self, message: str) -> Failure:
         return Failure(self.subject, message, self.extra)
@@ -96,137 +96,173 @@ def plan_units(jobs: Sequence[PromptJob], counts_of: Callable[[list[int]], list[
     return sorted(several + batches, key=lambda unit: min(unit.indices))
 
 
-def answer_jobs(
-    checkpoint: Checkpoint,
-    jobs: Sequence[PromptJob],
-    plan: ExecutionPlan,
-    batch_size: int = 1,
-    fetching: ImageFetching = ImageFetching(),
-    on_text: Callable[[str], None] | None = None,
-    fast_decode: bool = False,
-    prefetch: bool = True,
-    constraint: Any = None,
-) -> Iterator[Record]:
-    """Yield one record per job, in order; an unreadable image is an error record and the others go on.
+class AnswerEngine:
+    """caption / ask over many jobs, in named steps: `units` (questions about the same images form one unit, whose
+    image is loaded, preprocessed and encoded once, its prompts continuing from that prefix; other jobs are batched
+    by image-token count), `prepare` (images loaded and decoded, prompts rendered, tensors made: CPU work, done in
+    the background, with a processor of that thread's own, while the model loads and generates), `run` (the model's
+    work on a prepared unit, on the plan's workers), `record` (each result as the job's record). `answer` drives them
+    through the pipeline and yields one record per job, in input order; an unreadable image is an error record and
+    the others go on.
 
-    Questions about the same image(s) form one unit: the image is loaded and preprocessed once, and the prompts'
-    shared beginning (the image's tokens included) runs through the model once, each prompt continuing from a copy
-    of its cache (`batch_size` prompts at a time). Other jobs are batched by image-token count. The next units are
-    loaded and preprocessed in the background (with a processor of that thread's own) while the model loads and
-    generates, and the plan's workers generate that many units at once. `on_text` receives the answer as it is
-    generated (one job only). With `constraint` (--schema), the schema goes to the model after each question and
-    each answer is JSON valid against it, or an error record. Sampling with --seed, each job draws from its own
-    random stream (a batch of several, from its first job's)."""
-    from llavanext_cli.engine.pipeline import prefetch_depth, run_pipelined, token_counts
-    from llavanext_cli.model.preprocessing import largest_model_edge, prepare_inputs
+    `on_text` receives the answer as it is generated (one job only). With `constraint` (--schema), the schema goes to
+    the model after each question and each answer is JSON valid against it, or an error record. Sampling with a
+    seed, each job draws from its own random stream (a batch of several, from its first job's)."""
 
-    processor = checkpoint.preparing_processor  # made here, on this thread, before the background one starts
-    draft_edge = largest_model_edge(processor.image_processor) if fast_decode else None
-    on_cpu = checkpoint.device_type == "cpu"
-    # On a GPU a little padding costs less than a smaller batch; on a CPU every padded token is paid in full.
-    tolerance = 0.0 if on_cpu else 0.1
-    units = plan_units(jobs, lambda indices: token_counts(processor, [jobs[i].subject.images for i in indices],
-                                                          batch_size),
-                       batch_size, tolerance, share=plan.share_prefixes)
-    workers = max(1, min(plan.workers, len(units)))
-    cancelled = threading.Event()
-    if on_cpu:  # before any worker thread starts: each thread takes torch's thread count when it first runs
-        from llavanext_cli.engine.concurrency import use_cpu_cores
+    def __init__(self, checkpoint: Checkpoint, plan: ExecutionPlan, *, batch_size: int = 1,
+                 fetching: ImageFetching = ImageFetching(), on_text: Callable[[str], None] | None = None,
+                 fast_decode: bool = False, prefetch: bool = True, constraint: Any = None) -> None:
+        from llavanext_cli.model.preprocessing import largest_model_edge
 
-        use_cpu_cores(workers)
+        self.checkpoint = checkpoint
+        self.plan = plan
+        self.batch_size = batch_size
+        self.fetching = fetching
+        self.on_text = on_text
+        self.prefetch = prefetch
+        self.constraint = constraint
+        self.processor = checkpoint.preparing_processor  # made here, before the background thread starts
+        self.draft_edge = largest_model_edge(self.processor.image_processor) if fast_decode else None
+        self.cancelled = threading.Event()
+        self.jobs: Sequence[PromptJob] = ()
 
-    def render(job: PromptJob, images: list[Any]) -> str:
-        text = constraint.schema.prompt(job.prompt) if constraint is not None else job.prompt
-        return checkpoint.prompt.format.render(single_image_conversation(text, len(images)))
+    # -- the steps -----------------------------------------------------------------------------------------------
+    def units(self) -> list[Unit]:
+        from llavanext_cli.engine.pipeline import token_counts
 
-    def record(job: PromptJob, result: Any) -> Record:
+        jobs = self.jobs
+        # On a GPU a little padding costs less than a smaller batch; on a CPU every padded token is paid in full.
+        tolerance = 0.0 if self.checkpoint.device_type == "cpu" else 0.1
+        return plan_units(jobs, lambda indices: token_counts(self.processor, [jobs[i].subject.images for i in indices],
+                                                             self.batch_size),
+                          self.batch_size, tolerance, share=self.plan.share_prefixes)
+
+    def prepare(self, unit: Unit) -> list[_PreparedBatch | _PreparedGroup]:
+        indices = unit.indices
+        if not unit.shared:
+            return [self._prepare_batch(indices, {})]
+        from llavanext_cli.engine.prefix_cache import prepare_shared
+
+        jobs = self.jobs
+        try:
+            images = _load_job_images(jobs[indices[0]], self.fetching, self.draft_edge)
+        except InputError as exc:
+            return [_PreparedBatch({i: jobs[i].failure(exc.message) for i in indices}, [], [], None)]
+        shared = prepare_shared(self.processor, [self._render(jobs[i], images) for i in indices], images)
+        if shared is None:  # the prompts cannot share their beginning: one at a time, the images loaded once
+            return [self._prepare_batch([index], {index: images}) for index in indices]
+        return [_PreparedGroup(indices, shared)]
+
+    def run(self, prepared: list[_PreparedBatch | _PreparedGroup]) -> Iterator[tuple[int, Record]]:
+        self.checkpoint.load()  # the weights load on first use: a checkpoint that fails to load writes no record
+        for part in prepared:
+            if isinstance(part, _PreparedGroup):
+                yield from self._run_group(part)
+            else:
+                yield from self._run_batch(part)
+
+    def record(self, job: PromptJob, result: Any) -> Record:
         if result.error is not None:
-            return Failure(job.subject, result.error, job.extra)
-        return Answer(job.subject, job.prompt, result.text, checkpoint.model_id, result.new_tokens, result.seconds,
-                      job.extra, data=result.data if constraint is not None else NO_DATA,
+            return job.failure(result.error)
+        return Answer(job.subject, job.prompt, result.text, self.checkpoint.model_id, result.new_tokens,
+                      result.seconds, job.extra, data=result.data if self.constraint is not None else NO_DATA,
                       prompt_tokens=result.prompt_tokens)
 
-    def prepare_batch(indices: list[int], loaded: dict[int, list[Any]]) -> _PreparedBatch:
+    def answer(self, jobs: Sequence[PromptJob]) -> Iterator[Record]:
+        """One record per job, in order (the steps above, through the pipeline)."""
+        from llavanext_cli.engine.pipeline import prefetch_depth, run_pipelined
+
+        self.jobs = jobs
+        units = self.units()
+        workers = max(1, min(self.plan.workers, len(units)))
+        if self.checkpoint.device_type == "cpu":  # before any worker starts: a thread takes torch's count when it runs
+            from llavanext_cli.engine.concurrency import use_cpu_cores
+
+            use_cpu_cores(workers)
+        yield from run_pipelined(self.prepare, self.run, units, prefetch=self.prefetch, workers=workers,
+                                 depth=prefetch_depth(self.batch_size, workers), cancelled=self.cancelled)
+
+    # -- within the steps ----------------------------------------------------------------------------------------
+    def _render(self, job: PromptJob, images: list[Any]) -> str:
+        text = self.constraint.schema.prompt(job.prompt) if self.constraint is not None else job.prompt
+        return self.checkpoint.prompt.format.render(single_image_conversation(text, len(images)))
+
+    def _prepare_batch(self, indices: list[int], loaded: dict[int, list[Any]]) -> _PreparedBatch:
+        from llavanext_cli.model.preprocessing import prepare_inputs
+
         failed: dict[int, Record] = {}
         ready = []
         for index in indices:
-            job = jobs[index]
+            job = self.jobs[index]
             try:
-                images = loaded[index] if index in loaded else _load_job_images(job, fetching, draft_edge)
+                images = loaded[index] if index in loaded else _load_job_images(job, self.fetching, self.draft_edge)
                 ready.append((index, job, images))
             except InputError as exc:
-                failed[index] = Failure(job.subject, exc.message, job.extra)
-        prompts = [render(job, images) for _, job, images in ready]
-        inputs = prepare_inputs(processor, prompts, [images for _, _, images in ready]) if ready else None
+                failed[index] = job.failure(exc.message)
+        prompts = [self._render(job, images) for _, job, images in ready]
+        inputs = prepare_inputs(self.processor, prompts, [images for _, _, images in ready]) if ready else None
         return _PreparedBatch(failed, ready, prompts, inputs)
 
-    def prepare(unit: Unit) -> list[_PreparedBatch | _PreparedGroup]:
-        indices = unit.indices
-        if not unit.shared:
-            return [prepare_batch(indices, {})]
-        from llavanext_cli.engine.prefix_cache import prepare_shared
-
-        first = jobs[indices[0]]
-        try:
-            images = _load_job_images(first, fetching, draft_edge)
-        except InputError as exc:
-            return [_PreparedBatch({i: Failure(jobs[i].subject, exc.message, jobs[i].extra) for i in indices}, [],
-                                   [], None)]
-        shared = prepare_shared(processor, [render(jobs[i], images) for i in indices], images)
-        if shared is None:  # the prompts cannot share their beginning: one at a time, the images loaded once
-            return [prepare_batch([index], {index: images}) for index in indices]
-        return [_PreparedGroup(indices, shared)]
-
-    def run(prepared: list[_PreparedBatch | _PreparedGroup]) -> Iterator[tuple[int, Record]]:
-        checkpoint.load()  # the weights load on first use: a checkpoint that fails to load writes no record
-        for part in prepared:
-            if isinstance(part, _PreparedGroup):
-                yield from _run_group(part)
-            else:
-                yield from _run_batch(part)
-
-    def _run_group(group: _PreparedGroup) -> Iterator[tuple[int, Record]]:
+    def _run_group(self, group: _PreparedGroup) -> Iterator[tuple[int, Record]]:
         from llavanext_cli.engine.prefix_cache import generate_shared
 
-        results = generate_shared(checkpoint, group.shared, plan, rows_per_pass=batch_size, cancelled=cancelled,
-                                  constraint=constraint, seeds=[plan.seed_for(jobs[i].key()) for i in group.indices])
+        jobs = self.jobs
+        results = generate_shared(self.checkpoint, group.shared, self.plan, rows_per_pass=self.batch_size,
+                                  cancelled=self.cancelled, constraint=self.constraint,
+                                  seeds=[self.plan.seed_for(jobs[i].key()) for i in group.indices])
         for index, result in zip(group.indices, results):
-            yield index, record(jobs[index], result)
+            yield index, self.record(jobs[index], result)
 
-    def _run_batch(batch: _PreparedBatch) -> Iterator[tuple[int, Record]]:
+    def _run_batch(self, batch: _PreparedBatch) -> Iterator[tuple[int, Record]]:
         yield from batch.failed.items()
         if not batch.ready:
             return
-        results = generate(checkpoint, batch.prompts, [images for _, _, images in batch.ready], plan,
-                           on_text=on_text if len(jobs) == 1 else None, inputs=batch.inputs, cancelled=cancelled,
-                           constraint=constraint, seed=plan.seed_for(batch.ready[0][1].key()))
+        results = generate(self.checkpoint, batch.prompts, [images for _, _, images in batch.ready], self.plan,
+                           on_text=self.on_text if len(self.jobs) == 1 else None, inputs=batch.inputs,
+                           cancelled=self.cancelled, constraint=self.constraint,
+                           seed=self.plan.seed_for(batch.ready[0][1].key()))
         for (index, job, _), result in zip(batch.ready, results):
-            yield index, record(job, result)
+            yield index, self.record(job, result)
 
-    yield from run_pipelined(prepare, run, units, prefetch=prefetch, workers=workers,
-                             depth=prefetch_depth(batch_size, workers), cancelled=cancelled)
+
+def answer_jobs(checkpoint: Checkpoint, jobs: Sequence[PromptJob], plan: ExecutionPlan, batch_size: int = 1,
+                fetching: ImageFetching = ImageFetching(), on_text: Callable[[str], None] | None = None,
+                fast_decode: bool = False, prefetch: bool = True, constraint: Any = None) -> Iterator[Record]:
+    """One record per job, in order: AnswerEngine's `answer`."""
+    engine = AnswerEngine(checkpoint, plan, batch_size=batch_size, fetching=fetching, on_text=on_text,
+                          fast_decode=fast_decode, prefetch=prefetch, constraint=constraint)
+    return engine.answer(jobs)
 
 
 def read_question_jobs(stream: TextIO, name: str, folder: str = "") -> list[PromptJob]:
-    """`ask --questions`: one JSON object a line with "image" or "images" and "question"; other keys are kept
-    and copied into the record, except those named like the record's own (a warning says which). A malformed line
-    is a usage error naming the line. A relative image path is relative to `folder` (the file's, as the user spelled
-    it; "" for stdin: the current directory), and is named so in its record, as a directory's files are
-    (`data/vqa.jsonl`'s `img/1.jpg` is `data/img/1.jpg`)."""
+    """`ask --questions`: one JSON object a line with "image" or "images" and "question" (see `question_jobs`). A
+    line that is not a JSON object is a usage error naming the line."""
+    def items() -> Iterator[tuple[str, Any]]:
+        for number, line in enumerate(stream, start=1):
+            if not line.strip():
+                continue
+            where = f"{name}:{number}"
+            try:
+                yield where, json.loads(line)
+            except ValueError as exc:
+                raise UsageError(f"{where}: not a JSON object ({exc.msg})") from exc
+
+    return question_jobs(items(), name, folder)
+
+
+def question_jobs(items: Iterable[tuple[str, Any]], name: str, folder: str = "") -> list[PromptJob]:
+    """Jobs from (where, item) pairs, an item being `{"image" or "images", "question", ...}`: other keys are kept and
+    copied into the record, except those named like the record's own (a warning says which). A malformed item is a
+    usage error naming where it is. A relative image path is relative to `folder` (the file's, as the user spelled
+    it; "" for stdin or items given in Python: the current directory), and is named so in its record, as a
+    directory's files are (`data/vqa.jsonl`'s `img/1.jpg` is `data/img/1.jpg`)."""
 
     def located(image: str) -> str:
         return image if not folder or is_url(image) or os.path.isabs(image) else os.path.join(folder, image)
 
     jobs = []
     not_copied: set[str] = set()
-    for number, line in enumerate(stream, start=1):
-        if not line.strip():
-            continue
-        where = f"{name}:{number}"
-        try:
-            item = json.loads(line)
-        except ValueError as exc:
-            raise UsageError(f"{where}: not a JSON object ({exc.msg})") from exc
+    for where, item in items:
         if not isinstance(item, dict):
             raise UsageError(f"{where}: expected a JSON object")
         question = item.get("question")

@@ -11,6 +11,8 @@ dropped to fit it)."""
 from __future__ import annotations
 
 import hashlib
+import threading
+import warnings
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,10 +22,10 @@ from typing import Any
 from PIL import Image
 
 from llavanext_cli.model.checkpoint import Checkpoint
-from llavanext_cli.errors import InputError, UsageError
+from llavanext_cli.errors import Cancelled, InputError, InputWarning, UsageError
 from llavanext_cli.engine.generation import generate, is_out_of_memory, release_memory
 from llavanext_cli.engine.plan import ExecutionPlan
-from llavanext_cli.io.images import ImageFetching, image_from_bytes, is_url, why_unreadable
+from llavanext_cli.io.images import ImageFetching, image_from_bytes
 from llavanext_cli.engine.prefix_cache import (
     ConversationCache, expand_image_tokens, image_token_id, image_token_runs, process_images, tokenize)
 from llavanext_cli.model.preprocessing import prepare_inputs
@@ -53,20 +55,6 @@ class _Picture:
     image_tokens: int        # how many image tokens stand for it in a prompt
 
 
-def _bytes_and_digest(source: str, fetching: ImageFetching) -> tuple[bytes, str]:
-    """An image's bytes (read once: decoded from them, and hashed) and their SHA-256."""
-    if is_url(source):
-        data = fetching.fetch(source)
-        return data, hashlib.sha256(data).hexdigest()
-    try:
-        data = Path(source).read_bytes()
-    except IsADirectoryError as exc:
-        raise InputError("is a directory") from exc
-    except OSError as exc:
-        raise InputError(why_unreadable(exc)) from exc
-    return data, hashlib.sha256(data).hexdigest()
-
-
 @dataclass
 class ChatSession:
     """The conversation state. Images attached with `attach` go with the next user turn."""
@@ -82,10 +70,17 @@ class ChatSession:
     _ids_checked: bool = False  # the first prompt with images was checked against the processor's own ids
     _cache_usable: bool = True
 
+    def __post_init__(self) -> None:
+        if self.checkpoint.device_type == "cpu":
+            from llavanext_cli.engine.concurrency import use_cpu_cores
+
+            use_cpu_cores(workers=1)
+
     # -- images ---------------------------------------------------------------------------------------------
     def _picture(self, source: str) -> _Picture:
-        data, digest = _bytes_and_digest(source, self.fetching)
-        image = image_from_bytes(data, source)
+        data = self.fetching.read_bytes(source)  # read once: hashed, and decoded from the same bytes
+        digest = hashlib.sha256(data).hexdigest()
+        image = self.fetching.load(source) if source in self.fetching.in_memory else image_from_bytes(data, source)
         tensors, [count] = process_images(self.checkpoint, [image])
         picture = _Picture(image, digest, tensors, count)
         self._pictures[source] = picture
@@ -157,9 +152,12 @@ class ChatSession:
             self._cache_usable = inputs["input_ids"][0].tolist() == ids
         return self._cache_usable
 
-    def send(self, text: str, on_text: Callable[[str], None] | None = None) -> ChatReply:
+    def send(self, text: str, on_text: Callable[[str], None] | None = None,
+             cancelled: threading.Event | None = None) -> ChatReply:
         """Add a user turn (with the pending images), generate the answer from the whole history, keep both.
-        If generation is interrupted (KeyboardInterrupt), the history is left as it was before the turn."""
+        If generation is interrupted (KeyboardInterrupt, or `cancelled` set: it stops after the current step), the
+        history is left as it was before the turn (Cancelled is raised for the latter). When the oldest exchanges are
+        dropped to fit the model's context, an InputWarning says how many."""
         content = [*self.pending, {"type": "text", "text": text}]
         candidate = [*self.messages, {"role": "user", "content": content}]
         candidate, dropped, (prompt, pictures, ids) = self._fit(candidate)
@@ -169,11 +167,12 @@ class ChatSession:
             if self._uses_cache(prompt, pictures, ids):
                 result = self._cache.generate(self.checkpoint, ids, [picture.tensors for picture in pictures],
                                               [picture.sha256 for picture in pictures], self.plan, on_text=on_text,
-                                              seed=seed)
+                                              seed=seed, cancelled=cancelled)
                 reused = self._cache.reused
             else:
                 images = [picture.image for picture in pictures]
-                [result] = generate(self.checkpoint, [prompt], [images], self.plan, on_text=on_text, seed=seed)
+                [result] = generate(self.checkpoint, [prompt], [images], self.plan, on_text=on_text, seed=seed,
+                                    cancelled=cancelled)
                 reused = 0
         except Exception as error:
             if not is_out_of_memory(error):
@@ -182,6 +181,12 @@ class ChatSession:
             raise InputError(TURN_OUT_OF_MEMORY) from error
         if result.error is not None:  # out of memory, even alone
             raise InputError(TURN_OUT_OF_MEMORY)
+        if cancelled is not None and cancelled.is_set():  # cut short: not an answer to keep
+            self._cache.clear()
+            raise Cancelled()
+        if dropped:
+            warnings.warn(f"the conversation outgrew the model's context: dropped the oldest {dropped} exchange(s)",
+                          InputWarning, stacklevel=2)
         candidate.append({"role": "assistant", "content": [{"type": "text", "text": result.text}]})
         self.messages = candidate
         self.pending = []

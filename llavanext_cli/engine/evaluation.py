@@ -16,6 +16,7 @@ from functools import lru_cache
 from typing import IO, Any, Optional
 
 from llavanext_cli.errors import UsageError
+from llavanext_cli.io.records import record_input_key
 from llavanext_cli.io.textfiles import read_text
 
 STDIN_NAME = "<stdin>"
@@ -479,25 +480,17 @@ def group_name(record: dict[str, Any], key: str) -> Optional[str]:
     return None if name == "null" else name
 
 
-def input_identity(record: dict[str, Any]) -> Optional[str]:
-    """Which input a record answers: its image (or images) and prompt; None for a record that names no image."""
-    if "image" not in record and "images" not in record:
-        return None
-    return json.dumps([record.get("image"), record.get("images"), record.get("prompt")], ensure_ascii=False,
-                      sort_keys=True)
-
-
 def latest_per_input(records: list[SourceRecord]) -> list[SourceRecord]:
     """Each input once, by its last record: a failure followed by its success after --resume is a success, a failure
     that failed again is one error, a file run into twice counts each input once. Records that name no image are
     each their own input. In the order of each input's last record."""
     last: dict[str, int] = {}
     for position, source in enumerate(records):
-        identity = input_identity(source.record)
+        identity = record_input_key(source.record)
         if identity is not None:
             last[identity] = position
     return [source for position, source in enumerate(records)
-            if (identity := input_identity(source.record)) is None or last[identity] == position]
+            if (identity := record_input_key(source.record)) is None or last[identity] == position]
 
 
 def repeated_inputs(records: list[SourceRecord]) -> list[str]:
@@ -506,7 +499,7 @@ def repeated_inputs(records: list[SourceRecord]) -> list[str]:
     answered: set[str] = set()
     repeated = []
     for source in records:
-        identity = input_identity(source.record)
+        identity = record_input_key(source.record)
         if identity is None:
             continue
         if identity in answered:

@@ -268,7 +268,7 @@ class ConversationCache:
 
     def generate(self, checkpoint: Any, ids: list[int], images: Sequence[dict[str, Any]], image_keys: Sequence[str],
                  plan: ExecutionPlan, on_text: Callable[[str], None] | None = None,
-                 seed: int | None = None) -> Generation:
+                 seed: int | None = None, cancelled: threading.Event | None = None) -> Generation:
         """Answer the prompt `ids`; `images` are the tensors of each image in the prompt, in order, and `image_keys`
         what tells them apart (a digest of the file)."""
         import torch
@@ -295,7 +295,7 @@ class ConversationCache:
         self.reused = keep
         try:
             [result], output = generate_from_inputs(checkpoint, inputs, plan, on_text=on_text, cache=self.cache,
-                                                    seed=seed, prompt_tokens=len(ids) - keep)
+                                                    seed=seed, prompt_tokens=len(ids) - keep, cancelled=cancelled)
         except BaseException:
             self.clear()
             raise

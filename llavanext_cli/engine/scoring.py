@@ -20,13 +20,16 @@ from llavanext_cli.model.checkpoint import Checkpoint
 from llavanext_cli.errors import InputError, UsageError
 from llavanext_cli.io.images import ImageFetching
 from llavanext_cli.model.prompts import single_image_conversation
-from llavanext_cli.io.records import Classification, Failure, Record, Subject, classification_key
+from llavanext_cli.io.records import Classification, Failure, Record, Subject, input_key
 
 
-def parse_labels(text: str | None = None, lines: Sequence[str] | None = None) -> list[str]:
-    """Labels from "a,b,c" or from a file's lines (`#` comments and blank lines skipped); empty or duplicate
-    labels are usage errors."""
-    if lines is not None:
+def parse_labels(text: str | None = None, lines: Sequence[str] | None = None,
+                 given: Sequence[str] | None = None) -> list[str]:
+    """Labels from "a,b,c", from a file's lines (`#` comments and blank lines skipped), or `given` as a list (the
+    Python API); empty or duplicate labels, and fewer than two, are usage errors."""
+    if given is not None:
+        labels = [str(label).strip() for label in given]
+    elif lines is not None:
         labels = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
     else:
         labels = [part.strip() for part in (text or "").split(",")]
@@ -77,7 +80,7 @@ class LabelJob:
     truth: str | None = None
 
     def key(self) -> str:
-        return classification_key(self.subject)
+        return input_key(self.subject.images, self.subject.together, None)
 
     def carried(self) -> dict[str, str]:
         """What the job's record carries beyond the model's answer: its truth."""
@@ -208,6 +211,10 @@ def classify_inputs(
     """One record per job, in order: a Classification, or a Failure for an image that cannot be read (both with
     the job's truth, where it has one). Out of memory, a batch of images is halved and scored again, down to one
     image; an image that does not fit alone is an error record ("out of memory ..."), and the run goes on."""
+    if checkpoint.device_type == "cpu":
+        from llavanext_cli.engine.concurrency import use_cpu_cores
+
+        use_cpu_cores(workers=1)
     checkpoint.load()  # before any record: a checkpoint that fails to load writes none
     for start in range(0, len(jobs), batch_size):
         batch = jobs[start:start + batch_size]

@@ -22,8 +22,8 @@ from typing import Any
 
 from llavanext_cli.errors import UsageError
 from llavanext_cli.io.images import is_url
-from llavanext_cli.io.records import DATA_KEY, Failure, JsonRecord, Record, Subject
-from llavanext_cli.io.writers import create_temporary, read_finished_keys, write_atomically
+from llavanext_cli.io.records import DATA_KEY, Failure, JsonRecord, Record, Subject, input_key
+from llavanext_cli.io.writers import AppendedLines, create_temporary, read_finished_keys, write_atomically
 
 SIDECAR_EXTENSION = ".txt"
 METADATA_NAME = "metadata.jsonl"
@@ -121,9 +121,9 @@ class Sidecars:
                 refused[subject] = f"cannot write its caption file {path}: {folders[folder]}"
         return refused
 
-    def finish(self, record: Record) -> Record:
-        """Write a success's caption file; a file that cannot be written makes the record an error record (the run
-        goes on). Error records write nothing."""
+    def write(self, record: Record) -> Record:
+        """A writer (writers.Writer) ahead of the run's sink: a success's caption file written; one that cannot be
+        written makes the record an error record (the run goes on). Error records write nothing."""
         text = getattr(record, "text", None)
         if not record.ok or text is None:
             return record
@@ -134,6 +134,9 @@ class Sidecars:
             return Failure(record.subject, f"cannot write its caption file {path}: {exc.strerror or exc}",
                            getattr(record, "extra", {}))
         return record
+
+    def close(self, complete: bool = True) -> None:
+        """Caption files are written whole, one at a time: nothing is left open."""
 
 
 def _cannot_write_in(folder: Path) -> str | None:
@@ -240,19 +243,20 @@ class ImageFolder:
             row[DATA_KEY] = data
         return row
 
-    def _key(self, names: Sequence[str], prompt: Any) -> str:
-        return json.dumps([list(names), prompt if self.with_prompt else None], ensure_ascii=False)
-
-    def row_key(self, row: Mapping[str, Any]) -> str | None:
-        """--resume: the key of the input a metadata line answered (its file name(s), and its prompt where the run
-        asks several)."""
+    def _line_key(self, row: Mapping[str, Any], prompt: Any) -> str | None:
+        """The input a line answers (records.input_key: its images, made paths again from DIR, and `prompt`)."""
         if isinstance(row.get("file_name"), str):
-            names = [row["file_name"]]
+            names, together = [row["file_name"]], False
         elif isinstance(row.get("file_names"), list):
-            names = [str(name) for name in row["file_names"]]
+            names, together = [str(name) for name in row["file_names"]], True
         else:
             return None
-        return self._key(names, row.get("prompt"))
+        return input_key([str(self.root / name) for name in names], together,
+                         prompt if isinstance(prompt, str) else None)
+
+    def row_key(self, row: Mapping[str, Any]) -> str | None:
+        """--resume: the input a metadata line answered (its prompt counts where the run asks several)."""
+        return self._line_key(row, row.get("prompt") if self.with_prompt else None)
 
     def finished_keys(self, repair: bool = True) -> set[str]:
         """The keys of the inputs that have a line already (none with --overwrite: they are all done again);
@@ -282,14 +286,13 @@ class ImageFolder:
         kept = [line for position, (line, key) in enumerate(zip(lines, keys)) if key is None or last[key] == position]
         write_atomically(self.metadata, "".join(kept))
 
-    @staticmethod
-    def _line_identity(row: Mapping[str, Any]) -> str | None:
-        names = row.get("file_names", row.get("file_name"))
-        return None if names is None else json.dumps([names, row.get("prompt")], ensure_ascii=False)
+    def _line_identity(self, row: Mapping[str, Any]) -> str | None:
+        return self._line_key(row, row.get("prompt"))
 
     def job_key(self, job: Any) -> str:
         """The key of a job, as `row_key` gives it for the line the job's success writes."""
-        return self._key(self._names(job.subject.images), getattr(job, "prompt", None))
+        return input_key(job.subject.images, job.subject.together,
+                         getattr(job, "prompt", None) if self.with_prompt else None)
 
     def record_key(self, record: Mapping[str, Any]) -> str | None:
         """The key of a record (a data-parallel shard holds records): that of the line it writes; None for an error
@@ -312,6 +315,19 @@ class ImageFolder:
         from llavanext_cli.io.sharding import merge_shards
 
         return merge_shards(self.metadata, self._shard_row)
+
+
+class ImageFolderSink(AppendedLines):
+    """An imagefolder's metadata.jsonl as a run's writer: a success's line appended as it comes; a failure writes no
+    line (datasets loads only the images that have one), and a run with no success leaves no file (datasets would
+    refuse an empty one)."""
+
+    def __init__(self, folder: ImageFolder):
+        super().__init__(folder.metadata)
+        self.folder = folder
+
+    def line(self, record: Record) -> JsonRecord | None:
+        return self.folder.row(record.to_json()) if record.ok else None
 
 
 # --- the flags --------------------------------------------------------------------------------------------------

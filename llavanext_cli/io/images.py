@@ -5,7 +5,9 @@ from __future__ import annotations
 import io
 import os
 import warnings
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
 from pathlib import Path
 
 import PIL
@@ -146,16 +148,32 @@ OFFLINE_URL = "--offline: a URL is not fetched (download the image first, or dro
 @dataclass(frozen=True)
 class ImageFetching:
     """How inputs are fetched: the limits on an http(s) URL (seconds a read may wait, bytes it may send); with
-    `offline` (--offline) a URL is never fetched, and is an error for that input."""
+    `offline` (--offline) a URL is never fetched, and is an error for that input. `in_memory`: images given as objects
+    (the Python API's PIL images and bytes, a server's uploads), under the names their records carry."""
 
     url_timeout: float = DEFAULT_URL_TIMEOUT
     url_max_bytes: int = DEFAULT_URL_MAX_BYTES
     offline: bool = False
+    in_memory: Mapping[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_settings(cls, settings: object) -> ImageFetching:
         return cls(getattr(settings, "url_timeout"), getattr(settings, "url_max_bytes"),
                    bool(getattr(settings, "offline", False)))
+
+    def read_bytes(self, source: str) -> bytes:
+        """An input's bytes (a file, a URL, bytes in memory; a PIL image in memory: its pixels), for its digest."""
+        if source in self.in_memory:
+            given = self.in_memory[source]
+            return given.tobytes() if isinstance(given, Image.Image) else bytes(given)
+        if is_url(source):
+            return self.fetch(source)
+        try:
+            return Path(source).read_bytes()
+        except IsADirectoryError as exc:
+            raise InputError("is a directory") from exc
+        except OSError as exc:
+            raise InputError(why_unreadable(exc)) from exc
 
     def fetch(self, url: str) -> bytes:
         if self.offline:
@@ -163,7 +181,13 @@ class ImageFetching:
         return fetch_url(url, self.url_timeout, self.url_max_bytes)
 
     def load(self, source: str, draft_edge: int | None = None) -> Image.Image:
-        """An input as the user gave it (a path or an http(s) URL) as an RGB image."""
+        """An input as the user gave it (a path, an http(s) URL, or the name of an image in memory) as an RGB
+        image."""
+        if source in self.in_memory:
+            given = self.in_memory[source]
+            if isinstance(given, Image.Image):
+                return _to_rgb(given.copy())
+            return image_from_bytes(bytes(given), source)
         if is_url(source):
             return image_from_bytes(self.fetch(source), source)
         return load_image(source, draft_edge)

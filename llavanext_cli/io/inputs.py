@@ -83,13 +83,15 @@ def _expand_one(argument: str, recursive: bool, stdin: TextIO | None) -> list[st
     return [argument]
 
 
-def expand_inputs(arguments: Iterable[str], recursive: bool = False, stdin: TextIO | None = None) -> list[str]:
+def expand_inputs(arguments: Iterable[str], recursive: bool = False, stdin: TextIO | None = None,
+                  allow_none: bool = False) -> list[str]:
     """Every input in the order given: a directory's images sorted by path, a glob's matches sorted; a file named
-    explicitly is kept whatever its extension (a missing one becomes an error record later)."""
+    explicitly is kept whatever its extension (a missing one becomes an error record later). No input at all is a
+    usage error, unless `allow_none` (the caller counts them)."""
     expanded: list[str] = []
     for argument in arguments:
         expanded.extend(_expand_one(argument, recursive, stdin))
-    if not expanded:
+    if not expanded and not allow_none:
         raise no_input_images()
     return expanded
 

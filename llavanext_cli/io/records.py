@@ -14,6 +14,7 @@ record's own keys and never in place of one. Every output format renders `to_jso
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Union
@@ -118,39 +119,41 @@ class Failure:
 Record = Union[Answer, Classification, Failure]
 
 
-# --- --resume -----------------------------------------------------------------------------------------------
+# --- which records answer the same input (--resume, an imagefolder's lines, llava score) -------------------------
 
 
-def _key(kind: str, images: Sequence[str], together: bool, prompt: str | None) -> str:
-    return json.dumps([kind, list(images), together, prompt], ensure_ascii=False)
+def input_key(images: Sequence[str], together: bool, prompt: str | None) -> str:
+    """The one definition of "the same input": its image or images (a URL as it is, a path made absolute, so that
+    `./a.jpg` and `a.jpg` are one input; `ask --together` images as a list) and the prompt asked (None for classify,
+    which asks one prompt of every image). --resume matches finished records to inputs by it, an imagefolder its
+    lines, and `llava score` counts each input once by it."""
+    def absolute(image: str) -> str:
+        return image if image.lower().startswith(("http://", "https://")) else os.path.abspath(image)
+
+    named = [absolute(image) for image in images]
+    return json.dumps([named, together, prompt], ensure_ascii=False)
 
 
-def answer_key(subject: Subject, prompt: str) -> str:
-    """The key of a caption / ask input: its image(s) and the prompt asked."""
-    return _key("answer", subject.images, subject.together, prompt)
+def record_input_key(record: Mapping[str, Any]) -> str | None:
+    """The input a record (read back as JSON) answers; None for one that names no image."""
+    if isinstance(record.get("images"), list):
+        return input_key([str(image) for image in record["images"]], True, _prompt_of(record))
+    if isinstance(record.get("image"), str):
+        return input_key([record["image"]], False, _prompt_of(record))
+    return None
 
 
-def classification_key(subject: Subject) -> str:
-    """The key of a classify input: its image."""
-    return _key("classification", subject.images, subject.together, None)
+def _prompt_of(record: Mapping[str, Any]) -> str | None:
+    prompt = record.get("prompt")
+    return prompt if isinstance(prompt, str) else None
 
 
 def resume_key(record: Mapping[str, Any]) -> str | None:
-    """The key of the input a record read back from a jsonl file answered; None for a record that is not a success
-    (an error record: its input is done again)."""
-    if "error" in record:
+    """The input a record read back from a jsonl file answered, when it is a success (an error record's input is
+    done again): caption / ask records answer an image and a prompt, classify records an image."""
+    if "error" in record or not ("text" in record or "label" in record):
         return None
-    if "images" in record and isinstance(record["images"], list):
-        subject = Subject(tuple(map(str, record["images"])), together=True)
-    elif isinstance(record.get("image"), str):
-        subject = Subject.of(record["image"])
-    else:
-        return None
-    if "text" in record and isinstance(record.get("prompt"), str):
-        return answer_key(subject, record["prompt"])
-    if "label" in record:
-        return classification_key(subject)
-    return None
+    return record_input_key(record)
 
 
 # --- how records read in text and CSV -----------------------------------------------------------------------

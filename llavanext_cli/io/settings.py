@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from llavanext_cli.errors import SetupError, UsageError
+from llavanext_cli.io.formats import FORMATS
 from llavanext_cli.io.resources import configs_dir
 from llavanext_cli.io.yamlfile import read_yaml
 
@@ -21,7 +22,6 @@ DTYPES = ("auto", "float16", "bfloat16", "float32")
 QUANTS = ("none", "4bit", "8bit")
 QUANT_TYPES = ("nf4", "fp4")
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
-OUTPUT_FORMATS = ("text", "json", "jsonl", "csv", "imagefolder")  # imagefolder: -o DIR/metadata.jsonl
 NORMALIZATIONS = ("sum", "mean")
 _DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
@@ -36,12 +36,6 @@ class _Spec:
     pattern: re.Pattern[str] | None = None
     describe: str = ""
     check: Callable[[Any, str], None] | None = None  # a deeper check of the value (raises UsageError)
-
-
-def _check_max_memory(value: str, source: str) -> None:
-    from llavanext_cli.model.loading import parse_max_memory
-
-    parse_max_memory(value, source)
 
 
 _SPECS: dict[str, _Spec] = {
@@ -59,7 +53,7 @@ _SPECS: dict[str, _Spec] = {
     "top_p": _Spec(float, minimum=0.0, maximum=1.0),
     "num_beams": _Spec(int, minimum=1),
     "seed": _Spec(int, nullable=True, minimum=0),
-    "format": _Spec(str, nullable=True, choices=OUTPUT_FORMATS),
+    "format": _Spec(str, nullable=True, choices=tuple(FORMATS)),
     "offline": _Spec(bool),
     "url_timeout": _Spec(float, minimum=0.001),
     "url_max_bytes": _Spec(int, minimum=1),
@@ -68,11 +62,57 @@ _SPECS: dict[str, _Spec] = {
     "normalize": _Spec(str, choices=NORMALIZATIONS),
     "fast_decode": _Spec(bool),
     "compile": _Spec(bool),
-    "max_memory": _Spec(str, nullable=True, check=_check_max_memory),
+    "max_memory": _Spec(str, nullable=True, check=lambda value, source: parse_max_memory(value, source)),
     "memory_check": _Spec(bool),
 }
 
 SETTING_NAMES: tuple[str, ...] = tuple(_SPECS)
+
+
+# --- amounts of memory (--max-memory, inspect-config --gpu-memory) ------------------------------------------------
+
+_UNIT_SPELLING = {unit.lower(): unit for unit in ("KB", "MB", "GB", "KiB", "MiB", "GiB")}
+
+
+def memory_size(text: str, source: str) -> int:
+    """'70GiB' or '141GB' -> bytes, read by accelerate's `convert_file_size_to_int` (units KB, MB, GB and KiB, MiB,
+    GiB, in any case: accelerate reads a lower-case 'b' as bits, which nobody means here)."""
+    from accelerate.utils import convert_file_size_to_int
+
+    compact = text.strip().replace(" ", "")
+    number, unit = compact.rstrip("KMGiBkmgib"), compact[len(compact.rstrip("KMGiBkmgib")):]
+    size = -1
+    if unit.lower() in _UNIT_SPELLING and number:
+        try:
+            size = convert_file_size_to_int(number + _UNIT_SPELLING[unit.lower()])
+        except ValueError:
+            size = -1
+    if size <= 0:
+        raise UsageError(f"{source}: {text!r} is not an amount of memory such as 70GiB or 141GB")
+    return size
+
+
+def parse_max_memory(text: str, source: str = "--max-memory") -> dict[int | str, int]:
+    """'0=70GiB,1=70GiB,cpu=200GiB' -> {0: bytes, 1: bytes, 'cpu': bytes} (accelerate's max_memory)."""
+    limits: dict[int | str, int] = {}
+    for part in text.split(","):
+        device, separator, amount = part.strip().partition("=")
+        device = device.strip()
+        if not device or not separator:
+            raise UsageError(f"{source} {text!r}: expected DEVICE=AMOUNT pairs such as 0=70GiB,1=70GiB,cpu=200GiB")
+        if device.isdigit():
+            key: int | str = int(device)
+        elif device in ("cpu", "disk", "mps"):
+            key = device
+        else:
+            raise UsageError(f"{source}: unknown device {device!r} (a GPU number, cpu or disk)")
+        try:
+            limits[key] = memory_size(amount, source)
+        except UsageError as exc:
+            raise UsageError(f"{source} {text!r}: expected DEVICE=AMOUNT pairs such as 0=70GiB,1=70GiB,cpu=200GiB "
+                             f"({amount.strip()!r} is not an amount of memory)") from exc
+    return limits
+
 
 
 def env_var_name(key: str) -> str:
@@ -186,6 +226,34 @@ def read_config_file(path: Path, *, required: bool) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise UsageError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
     return {key: validate_value(str(key), value, str(path)) for key, value in data.items()}
+
+
+def user_config_path() -> Path:
+    """`$LLAVA_HOME/config.yaml`, else config.yaml in the platform's per-user config directory (~/.config/llava on
+    Linux, as click's get_app_dir names it: ~/Library/Application Support/llava on macOS, %APPDATA%\\llava on
+    Windows)."""
+    import sys
+
+    home = os.environ.get("LLAVA_HOME")
+    if home:
+        return Path(home).expanduser() / "config.yaml"
+    if sys.platform.startswith("win"):
+        base = Path(os.environ.get("APPDATA") or Path.home())
+    elif sys.platform == "darwin":
+        base = Path.home() / "Library" / "Application Support"
+    else:
+        base = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    return base / "llava" / "config.yaml"
+
+
+def resolve_settings(flags: Mapping[str, Any] | None = None, config_file: Path | None = None) -> Settings:
+    """A run's settings through every layer (the user's config file included), and the combinations no layer can
+    check alone: what the CLI and the Python API both use."""
+    settings = load_settings(flags, config_file, user_config=user_config_path())
+    if settings.quant_type != "nf4" and settings.quant != "4bit":
+        raise UsageError(f"quant_type {settings.quant_type} (from {settings.sources.get('quant_type')}) applies to "
+                         f"--quant 4bit only, and quant is {settings.quant}")
+    return settings
 
 
 def project_defaults() -> dict[str, Any]:

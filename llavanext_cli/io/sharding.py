@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from llavanext_cli.errors import UsageError
+from llavanext_cli.io.writers import AppendedLines
 
 INDEX_KEY = "_index"  # a shard record's position among the run's inputs; removed when merged
 
@@ -64,11 +65,16 @@ def my_share(jobs: Sequence[Any], parallel: Any) -> list[tuple[int, Any]]:
     return mine
 
 
-def shard_shape(indices: Iterable[int]) -> Callable[[Any], dict[str, Any]]:
-    """The JSON of a shard's records, which come in the order of `indices`: each carries its input's position among
-    the whole run's inputs, for the merge."""
-    positions = iter(indices)
-    return lambda record: {INDEX_KEY: next(positions), **record.to_json()}
+class ShardSink(AppendedLines):
+    """A data-parallel process's records, appended to its shard as they come (in the order of `positions`): each
+    carries its input's position among the whole run's inputs, for the merge."""
+
+    def __init__(self, path: Path, positions: Iterable[int]):
+        super().__init__(path)
+        self._positions = iter(positions)
+
+    def line(self, record: Any) -> dict[str, Any]:
+        return {INDEX_KEY: next(self._positions), **record.to_json()}
 
 
 def read_shard_records(path: Path) -> list[dict[str, Any]]:

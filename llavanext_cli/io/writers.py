@@ -1,6 +1,6 @@
-"""Where records go: the output formats (text, json, jsonl, csv, and imagefolder: a Hugging Face data set's
-metadata.jsonl, see dataset_outputs), stdout or an output file written safely, the lock that keeps two runs off one
-file, and reading a jsonl file back for --resume."""
+"""Where records go: the writers (a format's sink on stdout or in an output file written safely, files of appended
+JSON lines), the output checked before a run, the lock that keeps two runs off one file, and reading a jsonl file
+back for --resume."""
 
 from __future__ import annotations
 
@@ -12,31 +12,11 @@ import secrets
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 from llavanext_cli.errors import UsageError
+from llavanext_cli.io.formats import APPENDED_FORMATS, RECORD_FORMATS
 from llavanext_cli.io.records import JsonRecord, Record, csv_columns, csv_rows, text_line
-
-OUTPUT_FORMATS = ("text", "json", "jsonl", "csv", "imagefolder")
-# The formats appended to a file line by line (locked while a run writes; --resume reads them back).
-APPENDED_FORMATS = ("jsonl", "imagefolder")
-
-
-FORMAT_OF_EXTENSION = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".txt": "text", ".log": "text", "": "text"}
-
-
-def format_for(requested: str | None, output: Path | None) -> str:
-    """--format, else the output file's extension (.jsonl, .json, .csv; .txt, .log or none: text). Any other
-    extension names no format: a usage error, rather than a spreadsheet that is really text."""
-    if requested:
-        return requested
-    if output is None:
-        return "text"
-    extension = output.suffix.lower()
-    if extension not in FORMAT_OF_EXTENSION:
-        raise UsageError(f"-o {output}: {output.suffix} is not an output format llava writes",
-                         hint="name one with --format text|json|jsonl|csv, or use a .jsonl, .json, .csv or .txt file")
-    return FORMAT_OF_EXTENSION[extension]
 
 
 def records_to_csv(records: list[JsonRecord]) -> str:
@@ -78,23 +58,61 @@ class RecordWriter:
         self.stream.flush()
 
 
-class RecordSink:
-    """Where a run's records go: stdout, or -o FILE. jsonl files are appended and flushed record by record, so an
-    interrupted run keeps everything finished; json and csv files are written whole to a temporary file and renamed,
-    so they are complete or absent. Nothing is opened before the first record (a run that fails before it leaves
-    the output as it was). `shape` turns a record into the JSON written (the data-parallel shards add the input's
-    index; imagefolder makes its metadata line). imagefolder writes successes only, appended like jsonl, and never
-    leaves an empty metadata file behind (datasets would refuse it)."""
+class Writer(Protocol):
+    """Where a run's records go, one after another: a format's sink, an imagefolder's metadata, a shard, the caption
+    files beside the images. `write` may turn a record into another (a caption file that cannot be written makes a
+    success a failure), which the next writer gets."""
 
-    def __init__(self, output: Path | None, fmt: str, many: bool, with_prompt: bool = False,
-                 shape: Callable[[Record], JsonRecord] = lambda record: record.to_json()):
-        if fmt not in OUTPUT_FORMATS:
-            raise UsageError(f"unknown output format {fmt!r}: expected {', '.join(OUTPUT_FORMATS)}")
+    def write(self, record: Record) -> Record: ...
+
+    def close(self, complete: bool = True) -> None: ...
+
+
+class AppendedLines:
+    """A file of JSON lines that records are appended to (flushed one complete line at a time, so an interrupted
+    run keeps what it finished), opened on its first line: a run that makes none leaves the file as it was. What a
+    record's line is, is the subclass's `line` (None: no line)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._stream: IO[str] | None = None
+
+    def line(self, record: Record) -> JsonRecord | None:
+        raise NotImplementedError
+
+    def write(self, record: Record) -> Record:
+        made = self.line(record)
+        if made is None:
+            return record
+        if self._stream is None:
+            try:
+                end_on_a_whole_line(self.path)  # a line is never glued to what an interrupted run left
+                self._stream = open(self.path, "a", encoding="utf-8", newline="")
+            except OSError as exc:
+                raise UsageError(f"cannot write -o {self.path}: {exc.strerror or exc}") from exc
+        self._stream.write(json.dumps(made, ensure_ascii=False) + "\n")
+        self._stream.flush()
+        return record
+
+    def close(self, complete: bool = True) -> None:
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
+
+
+class RecordSink:
+    """Records in one of the formats, on stdout or in -o FILE. jsonl files are appended and flushed record by record,
+    so an interrupted run keeps everything finished; json and csv files are written whole to a temporary file and
+    renamed, so they are complete or absent. Nothing is opened before the first record (a run that fails before it
+    leaves the output as it was)."""
+
+    def __init__(self, output: Path | None, fmt: str, many: bool, with_prompt: bool = False):
+        if fmt not in RECORD_FORMATS:
+            raise UsageError(f"unknown output format {fmt!r}: expected {', '.join(RECORD_FORMATS)}")
         self.output = output
         self.fmt = fmt
         self.many = many
         self.with_prompt = with_prompt
-        self.shape = shape
         self._writer: RecordWriter | None = None
         self._temporary: Path | None = None
 
@@ -115,18 +133,17 @@ class RecordSink:
             raise UsageError(f"cannot write -o {output}: {exc.strerror or exc}") from exc
         return RecordWriter(stream, self.fmt, many=self.many, with_prompt=self.with_prompt)
 
-    def write(self, record: Record) -> None:
-        if self.fmt == "imagefolder" and not record.ok:
-            return
+    def write(self, record: Record) -> Record:
         if self._writer is None:
             self._writer = self._open()
-        self._writer.write(self.shape(record))
+        self._writer.write(record.to_json())
+        return record
 
     def close(self, complete: bool = True) -> None:
         """Finish the output (a complete run with no record still writes an empty json array or csv header); an
         incomplete json / csv run leaves no file behind."""
         if self._writer is None:
-            if not complete or self.fmt == "imagefolder":
+            if not complete:
                 return
             self._writer = self._open()
         stream = self._writer.stream
@@ -276,3 +293,23 @@ class OutputLock:
             Path(self._lock.lock_file).unlink(missing_ok=True)
             self._lock.release()
             self._lock = None
+
+
+def check_output(output: Path | None, fmt: str, resume: bool, lock: bool = True) -> OutputLock | None:
+    """Fail fast on an output that cannot be written, before any weights load; lock a file that records are
+    appended to (unless not `lock`), so that a second run on the same file refuses instead of interleaving."""
+    if resume and output is None:
+        raise UsageError("--resume needs -o FILE (the jsonl file of the interrupted run)")
+    if resume and fmt not in APPENDED_FORMATS:
+        raise UsageError(f"--resume works on jsonl output, not {fmt}", hint="use -o FILE.jsonl or --format jsonl")
+    if output is None:
+        return None
+    if output.is_dir():
+        raise UsageError(f"-o {output} is a directory")
+    parent = output.parent if str(output.parent) else Path(".")
+    if not parent.is_dir():
+        raise UsageError(f"-o {output}: directory {parent} does not exist")
+    check_writable(output)
+    # json / csv are written to a temporary file and renamed: only an appended file (jsonl, an imagefolder's
+    # metadata.jsonl) needs the lock.
+    return OutputLock(output) if lock and fmt in APPENDED_FORMATS else None

@@ -81,7 +81,7 @@ class Checkpoint:
 
 
 def load_options(settings: Settings) -> LoadOptions:
-    from llavanext_cli.model.loading import parse_max_memory
+    from llavanext_cli.io.settings import parse_max_memory
 
     return LoadOptions(
         compile=settings.compile,
@@ -121,8 +121,4 @@ def open_checkpoint(settings: Settings, on_loaded: Callable[[], None] | None = N
 
         check_weights_fit(settings.model, config, plan.device, plan.kwargs.get("device_map"), plan.kwargs["dtype"],
                           options.quant, options.max_memory)
-    if plan.device == "cpu":
-        from llavanext_cli.engine.concurrency import use_cpu_cores
-
-        use_cpu_cores(workers=1)
     return Checkpoint(settings.model, config, processor, prompt, plan, settings.offline, on_loaded, generation_config)

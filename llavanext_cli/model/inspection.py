@@ -23,7 +23,7 @@ GPU_HEADROOM = 1.2
 
 def parse_memory(text: str) -> int:
     """'80GiB' -> bytes."""
-    from llavanext_cli.model.loading import memory_size
+    from llavanext_cli.io.settings import memory_size
 
     return memory_size(text, "--gpu-memory")
 

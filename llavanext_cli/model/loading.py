@@ -330,49 +330,6 @@ def torch_cuda_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-_UNIT_SPELLING = {unit.lower(): unit for unit in ("KB", "MB", "GB", "KiB", "MiB", "GiB")}
-
-
-def memory_size(text: str, source: str) -> int:
-    """'70GiB' or '141GB' -> bytes, read by accelerate's `convert_file_size_to_int` (units KB, MB, GB and KiB, MiB,
-    GiB, in any case: accelerate reads a lower-case 'b' as bits, which nobody means here)."""
-    from accelerate.utils import convert_file_size_to_int
-
-    compact = text.strip().replace(" ", "")
-    number, unit = compact.rstrip("KMGiBkmgib"), compact[len(compact.rstrip("KMGiBkmgib")):]
-    size = -1
-    if unit.lower() in _UNIT_SPELLING and number:
-        try:
-            size = convert_file_size_to_int(number + _UNIT_SPELLING[unit.lower()])
-        except ValueError:
-            size = -1
-    if size <= 0:
-        raise UsageError(f"{source}: {text!r} is not an amount of memory such as 70GiB or 141GB")
-    return size
-
-
-def parse_max_memory(text: str, source: str = "--max-memory") -> dict[int | str, int]:
-    """'0=70GiB,1=70GiB,cpu=200GiB' -> {0: bytes, 1: bytes, 'cpu': bytes} (accelerate's max_memory)."""
-    limits: dict[int | str, int] = {}
-    for part in text.split(","):
-        device, separator, amount = part.strip().partition("=")
-        device = device.strip()
-        if not device or not separator:
-            raise UsageError(f"{source} {text!r}: expected DEVICE=AMOUNT pairs such as 0=70GiB,1=70GiB,cpu=200GiB")
-        if device.isdigit():
-            key: int | str = int(device)
-        elif device in ("cpu", "disk", "mps"):
-            key = device
-        else:
-            raise UsageError(f"{source}: unknown device {device!r} (a GPU number, cpu or disk)")
-        try:
-            limits[key] = memory_size(amount, source)
-        except UsageError as exc:
-            raise UsageError(f"{source} {text!r}: expected DEVICE=AMOUNT pairs such as 0=70GiB,1=70GiB,cpu=200GiB "
-                             f"({amount.strip()!r} is not an amount of memory)") from exc
-    return limits
-
-
 def compile_language_model(model: Any) -> None:
     """A compiled language-model forward: faster decoding on CUDA, with the static KV cache (fixed shapes) that the
     execution plan gives plain batches, once the first batch has paid for compilation. The vision tower, whose shapes
