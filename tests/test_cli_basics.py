@@ -11,7 +11,7 @@ import pytest
 
 from conftest import EXAMPLES, REPO, folder_of_examples, run_cli, run_llava_process
 
-COMMANDS = ["caption", "ask", "classify", "chat", "inspect-config", "init-model", "score"]
+COMMANDS = ["caption", "ask", "classify", "chat", "inspect-config", "init-model", "score", "serve"]
 
 
 def test_help_imports_neither_torch_nor_transformers():

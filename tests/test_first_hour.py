@@ -143,7 +143,7 @@ def _help(command: str) -> str:
     return " ".join(re.sub("[│╭╮╰╯─]", " ", result.stdout).split())
 
 
-@pytest.mark.parametrize("command", ["caption", "ask", "classify", "chat", "inspect-config", "init-model", "score"])
+@pytest.mark.parametrize("command", ["caption", "ask", "classify", "chat", "inspect-config", "init-model", "score", "serve"])
 def test_every_option_shows_its_default_and_a_settings_variable(command):
     import typer.main
 
@@ -200,9 +200,12 @@ def test_constraints_pin_every_package_and_fit_the_declared_ranges():
             assert version and ";" not in version, line
             pins[name.lower().replace("_", "-")] = Version(version)
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    required = project["dependencies"] + project["optional-dependencies"]["test"]
+    extras = project["optional-dependencies"]
+    required = project["dependencies"] + extras["test"] + extras["serve"]
     for requirement in map(Requirement, required):
         name = requirement.name.lower().replace("_", "-")
+        if name == project["name"]:
+            continue  # the test extra names the project's own serve extra
         if name == "torch":
             assert name not in pins  # the README installs it first, CPU or CUDA build
             continue

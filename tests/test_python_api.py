@@ -160,7 +160,7 @@ def test_the_examples_of_docs_python_md_run_as_written(tiny_next, tmp_path, monk
 
 # --- the layers ----------------------------------------------------------------------------------------------------
 
-LAYERS = ["io", "model", "engine", "api", "cli"]  # each may import those before it
+LAYERS = ["io", "model", "engine", "api", "serve", "cli"]  # each may import those before it
 
 
 def _imports(path: Path) -> set[str]:

@@ -147,7 +147,8 @@ class Model:
 
     # -- what the jobs run on (the CLI comes in here, with jobs it made) -------------------------------------------
     def answer(self, jobs: Sequence[PromptJob], *, schema: Any = None, on_text: Callable[[str], None] | None = None,
-               in_memory: dict[str, Any] | None = None, **generation: Any) -> Iterator[Record]:
+               in_memory: dict[str, Any] | None = None, cancelled: threading.Event | None = None,
+               **generation: Any) -> Iterator[Record]:
         """caption / ask jobs to records, in order. Checked now (bad settings, a schema that cannot be enforced, a
         combination that cannot run: UsageError); run as the records are asked for."""
         options, batch_size, answer_schema = self.check_answering(schema, **generation)
@@ -166,7 +167,8 @@ class Model:
             # compiled against the checkpoint's tokenizer, before its weights load
             constraint = answer_schema.compile(checkpoint) if answer_schema is not None else None
             engine = AnswerEngine(checkpoint, plan, batch_size=batch_size, fetching=self._fetching(in_memory),
-                                  on_text=on_text, fast_decode=settings.fast_decode, constraint=constraint)
+                                  on_text=on_text, fast_decode=settings.fast_decode, constraint=constraint,
+                                  cancelled=cancelled)
             yield from engine.answer(jobs)
 
         return self._exclusively(produce)
@@ -203,16 +205,22 @@ class Model:
     # -- within ----------------------------------------------------------------------------------------------------
     def _options(self, generation: dict[str, Any]) -> tuple[GenerationOptions, int]:
         """The generation settings of a call: the model's, with the call's own (checked as flags are)."""
+        generation = dict(generation)
+        stop = generation.pop("stop", None) or ()
+        if isinstance(stop, str):
+            stop = (stop,)
+        if not all(isinstance(text, str) and text for text in stop):
+            raise UsageError("stop must be a text, or a list of texts, that an answer ends before")
         unknown = sorted(set(generation) - set(CALL_SETTINGS))
         if unknown:
             raise UsageError(f"unknown generation setting {unknown[0]!r}",
-                             hint="a call takes " + ", ".join(CALL_SETTINGS))
-        values = {key: getattr(self.settings, key) for key in CALL_SETTINGS}
+                             hint="a call takes " + ", ".join(CALL_SETTINGS) + ", stop")
+        values: dict[str, Any] = {key: getattr(self.settings, key) for key in CALL_SETTINGS}
         for key, value in generation.items():
             if value is not None:
                 values[key] = validate_value(key, value, "--" + key.replace("_", "-"))
         batch_size = values.pop("batch_size")
-        return GenerationOptions(**values), batch_size
+        return GenerationOptions(**values, stop=tuple(stop)), batch_size
 
     def _fetching(self, in_memory: dict[str, Any] | None) -> Any:
         from llavanext_cli.io.images import ImageFetching

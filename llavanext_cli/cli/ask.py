@@ -23,6 +23,7 @@ def ask(
         "other keys are copied into each record.", show_default=False)] = None,
     recursive: opt.RecursiveOpt = False,
     model: opt.ModelOpt = None,
+    server: opt.ServerOpt = None,
     prompt_format: opt.PromptFormatOpt = None,
     dtype: opt.DtypeOpt = None,
     quant: opt.QuantOpt = None,
@@ -82,7 +83,7 @@ def ask(
         question = check_questions(question)
         if not images:
             raise no_input_images()
-    model = command_model(resolve_settings(flags, config))
+    model = command_model(resolve_settings(flags, config), server)
     records_of = answering(model, schema)
     if questions is not None:
         jobs = open_questions(questions, sys.stdin)

@@ -21,19 +21,28 @@ from llavanext_cli.io.settings import Settings
 RecordsOf = Callable[[Model, list[Job], "Callable[[str], None] | None"], Iterator[Record]]
 
 
-def command_model(settings: Settings) -> Model:
-    """A command's model: nothing is read until it is opened (the collector's policy told when its weights load)."""
+def command_model(settings: Settings, server: str | None = None) -> Any:
+    """A command's model: nothing is read until it is opened (the collector's policy told when its weights load);
+    with `server` (--server), the one a running `llava serve` holds, its key from LLAVA_API_KEY."""
+    if server:
+        import os
+
+        from llavanext_cli.serve.client import RemoteModel
+
+        return RemoteModel(server, settings, os.environ.get("LLAVA_API_KEY"))
     from llavanext_cli.cli import collector
 
     return Model(settings, on_loaded=collector.model_loaded)
 
 
-def open_model(model: Model, verbose: bool) -> Model:
+def open_model(model: Any, verbose: bool) -> Any:
     """The model of a command whose settings, inputs and output are checked: its config and processor read now (the
-    weights load on first use, while the first inputs are prepared), the libraries quiet unless -v."""
-    from llavanext_cli.model.loading import configure_library_logging
+    weights load on first use, while the first inputs are prepared), the libraries quiet unless -v; a server's,
+    reached now."""
+    if getattr(model, "local", True):
+        from llavanext_cli.model.loading import configure_library_logging
 
-    configure_library_logging(verbose)
+        configure_library_logging(verbose)
     return model.open()
 
 
@@ -69,7 +78,7 @@ def run_batch(model: Model, jobs: Sequence[Job], records_of: RecordsOf, *, outpu
         code, notes = plan.finish(code)
         for text in notes:
             out.note(text)
-        if figures is not None and opened is not None:  # -v: the run's figures, as its last line
+        if figures is not None and opened is not None and opened.checkpoint is not None:  # -v: the run's figures
             checkpoint = opened.checkpoint
             out.note(figures.summary(checkpoint.load_seconds, checkpoint.device_type))
         return code

@@ -12,6 +12,7 @@ def caption(
     prompt: opt.PromptOpt = None,
     recursive: opt.RecursiveOpt = False,
     model: opt.ModelOpt = None,
+    server: opt.ServerOpt = None,
     prompt_format: opt.PromptFormatOpt = None,
     dtype: opt.DtypeOpt = None,
     quant: opt.QuantOpt = None,
@@ -67,7 +68,7 @@ def caption(
 
     if not images:
         raise no_input_images()
-    model = command_model(resolve_settings(flags, config))
+    model = command_model(resolve_settings(flags, config), server)
     records_of = answering(model, schema)
     text = prompt if prompt is not None else model.settings.caption_prompt
     jobs = [PromptJob(Subject.of(image), text) for image in expand_inputs(images, recursive=recursive, stdin=sys.stdin)]

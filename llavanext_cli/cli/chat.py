@@ -29,6 +29,7 @@ def chat(
     system: Annotated[Optional[str], typer.Option("--system", help="A system prompt for the conversation.",
                                                   show_default=False)] = None,
     model: opt.ModelOpt = None,
+    server: opt.ServerOpt = None,
     prompt_format: opt.PromptFormatOpt = None,
     dtype: opt.DtypeOpt = None,
     quant: opt.QuantOpt = None,
@@ -68,21 +69,22 @@ def chat(
 
     if output_format is not None:
         check_format("chat", output_format)
-    model = command_model(resolve_settings(flags, config))
+    model = command_model(resolve_settings(flags, config), server)
     settings = model.settings
     # A format from the environment or a config file is for the batch commands; chat prints text or jsonl.
     output_format = settings.format if settings.format in ("text", "jsonl") else "text"
     sources = expand_inputs(images, stdin=sys.stdin) if images else []
     check_combinations(GenerationOptions.from_settings(settings), compile=settings.compile)
     conversation = open_model(model, verbose).chat(system=system)
-    model.checkpoint.load()  # now, not while the person waits for the first answer
+    if model.checkpoint is not None:  # a local model: its weights now, not while the person waits for an answer
+        model.checkpoint.load()
     repl = ChatRepl(conversation, output_format, on_terminal=sys.stdin.isatty())
     failed = not repl.attach(sources)
     if sys.stdin.isatty():
         repl.interactive()
     else:
         failed = not repl.piped(sys.stdin) or failed
-    if verbose:  # -v: the conversation's figures, as its last line
+    if verbose and model.checkpoint is not None:  # -v: the conversation's figures, as its last line
         out.note(repl.figures.summary(model.checkpoint.load_seconds, model.checkpoint.device_type))
     return EXIT_INPUT_FAILED if failed else 0
 

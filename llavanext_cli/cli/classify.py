@@ -34,6 +34,7 @@ def classify(
     ] = False,
     recursive: opt.RecursiveOpt = False,
     model: opt.ModelOpt = None,
+    server: opt.ServerOpt = None,
     prompt_format: opt.PromptFormatOpt = None,
     dtype: opt.DtypeOpt = None,
     quant: opt.QuantOpt = None,
@@ -80,7 +81,7 @@ def classify(
 
     jobs, label_list = classify_jobs(images, labels=labels, labels_file=labels_file, truth_from_dirs=truth_from_dirs,
                                      recursive=recursive, stdin=sys.stdin)
-    model = command_model(resolve_settings(flags, config))
+    model = command_model(resolve_settings(flags, config), server)
     question = classification_prompt(prompt if prompt is not None else model.settings.classify_prompt, label_list)
 
     def records_of(opened, todo, on_text):

@@ -17,7 +17,7 @@ except ImportError:  # pragma: no cover
     from click import exceptions as click_exceptions
 
 from llavanext_cli import __version__
-from llavanext_cli.cli import ask, caption, chat, classify, collector, init_model, inspect_config, score
+from llavanext_cli.cli import ask, caption, chat, classify, collector, init_model, inspect_config, score, serve
 from llavanext_cli.cli import options as opt
 from llavanext_cli.cli import out
 from llavanext_cli.errors import (
@@ -38,6 +38,7 @@ app.command("chat")(chat.chat)
 app.command("inspect-config")(inspect_config.inspect_config)
 app.command("init-model")(init_model.init_model)
 app.command("score")(score.score)
+app.command("serve")(serve.serve)
 
 
 def _version(value: bool) -> None:

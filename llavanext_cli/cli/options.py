@@ -74,6 +74,10 @@ MaxMemoryOpt = Annotated[Optional[str], typer.Option(
 MemoryCheckOpt = Annotated[Optional[bool], typer.Option(
     "--memory-check/--no-memory-check", help="Refuse, before reading them, weights that cannot fit in the free memory "
     "of the device(s) they are planned for.", rich_help_panel=_RUN, show_default=False)]
+ServerOpt = Annotated[Optional[str], typer.Option(
+    "--server", envvar="LLAVA_SERVER", show_envvar=False, help="Send the work to a running `llava serve` at this URL "
+    "instead of loading a model (the images go as bytes; records, order, resume and outputs as a local run's; its key "
+    "from LLAVA_API_KEY).", rich_help_panel=_MODEL, show_default=False)]
 RecursiveOpt = Annotated[bool, typer.Option("--recursive", "-r", help="Descend into subdirectories.")]
 ResumeOpt = Annotated[bool, typer.Option(
     "--resume", help="Skip inputs that already have a success record in -o FILE.jsonl (or a line in an imagefolder's "
@@ -111,7 +115,8 @@ _RENAMED_SETTINGS = {"output_format": "format"}
 COMMAND_PARAMETERS = frozenset({
     "images", "prompt", "recursive", "output", "resume", "config", "verbose", "question", "together", "questions",
     "labels", "labels_file", "top_k", "truth_from_dirs", "system", "schema", "sidecar", "overwrite", "prefix",
-    "suffix",
+    "suffix", "host", "port", "api_key", "alias", "max_queue", "batch_window", "cache_memory", "media_root",
+    "allow_url_images", "allow_network", "max_body", "max_images", "max_pixels", "server",
 })
 
 
@@ -153,7 +158,7 @@ _DEFAULT_IN_WORDS = {
     "max_memory": "none (accelerate decides)",
     "output": "stdout", "config": "none", "images": "none", "labels": "none", "labels_file": "none",
     "questions": "none", "question": "none", "schema": "none (free text)", "prefix": "none", "suffix": "none",
-    "system": "none", "by": "none", "model_arg": "the model setting (-m, LLAVA_MODEL, a config file)",
+    "system": "none", "by": "none", "server": "none (env LLAVA_SERVER): a model loaded here", "model_arg": "the model setting (-m, LLAVA_MODEL, a config file)",
 }
 
 

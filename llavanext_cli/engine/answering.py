@@ -111,7 +111,8 @@ class AnswerEngine:
 
     def __init__(self, checkpoint: Checkpoint, plan: ExecutionPlan, *, batch_size: int = 1,
                  fetching: ImageFetching = ImageFetching(), on_text: Callable[[str], None] | None = None,
-                 fast_decode: bool = False, prefetch: bool = True, constraint: Any = None) -> None:
+                 fast_decode: bool = False, prefetch: bool = True, constraint: Any = None,
+                 cancelled: threading.Event | None = None) -> None:
         from llavanext_cli.model.preprocessing import largest_model_edge
 
         self.checkpoint = checkpoint
@@ -123,7 +124,7 @@ class AnswerEngine:
         self.constraint = constraint
         self.processor = checkpoint.preparing_processor  # made here, before the background thread starts
         self.draft_edge = largest_model_edge(self.processor.image_processor) if fast_decode else None
-        self.cancelled = threading.Event()
+        self.cancelled = cancelled if cancelled is not None else threading.Event()  # set: stop after the current step
         self.jobs: Sequence[PromptJob] = ()
 
     # -- the steps -----------------------------------------------------------------------------------------------

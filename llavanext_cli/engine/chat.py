@@ -23,7 +23,7 @@ from PIL import Image
 
 from llavanext_cli.model.checkpoint import Checkpoint
 from llavanext_cli.errors import Cancelled, InputError, InputWarning, UsageError
-from llavanext_cli.engine.generation import generate, is_out_of_memory, release_memory
+from llavanext_cli.engine.generation import OUT_OF_MEMORY, generate, is_out_of_memory, release_memory
 from llavanext_cli.engine.plan import ExecutionPlan
 from llavanext_cli.io.images import ImageFetching, image_from_bytes
 from llavanext_cli.engine.prefix_cache import (
@@ -45,6 +45,9 @@ class ChatReply:
     reused_tokens: int = 0  # prompt tokens taken from the conversation's cache instead of run again
     prompt_tokens: int = 0  # prompt tokens run through the model for this turn
     seconds: float = 0.0
+    prompt_length: int = 0  # the whole prompt's tokens (the cached ones too)
+    data: Any = None        # with a constraint: the answer parsed
+    error: str | None = None  # with a constraint: why the answer is not JSON valid against it (cut short)
 
 
 @dataclass
@@ -69,7 +72,7 @@ class ChatSession:
     _cache: ConversationCache = field(default_factory=ConversationCache)
     _ids_checked: bool = False  # the first prompt with images was checked against the processor's own ids
     _cache_usable: bool = True
-
+    cache_pool: Any = None  # a server's caches (prefix_cache.PrefixStore), which a turn takes its cache from
     def __post_init__(self) -> None:
         if self.checkpoint.device_type == "cpu":
             from llavanext_cli.engine.concurrency import use_cpu_cores
@@ -152,8 +155,21 @@ class ChatSession:
             self._cache_usable = inputs["input_ids"][0].tolist() == ids
         return self._cache_usable
 
+    def continue_from(self, messages: list[Message]) -> None:
+        """Take up a conversation given whole (a server's request): its system message, its turns (their images read
+        now, by the names `fetching` knows them by)."""
+        self.reset()
+        for message in messages:
+            if message["role"] == "system":
+                self.system = "".join(item.get("text", "") for item in _items(message) if item.get("type") == "text")
+                continue
+            for item in _items(message):
+                if item.get("type") == "image":
+                    item["sha256"] = self._picture(item["path"]).sha256
+            self.messages.append(message)
+
     def send(self, text: str, on_text: Callable[[str], None] | None = None,
-             cancelled: threading.Event | None = None) -> ChatReply:
+             cancelled: threading.Event | None = None, constraint: Any = None) -> ChatReply:
         """Add a user turn (with the pending images), generate the answer from the whole history, keep both.
         If generation is interrupted (KeyboardInterrupt, or `cancelled` set: it stops after the current step), the
         history is left as it was before the turn (Cancelled is raised for the latter). When the oldest exchanges are
@@ -163,27 +179,31 @@ class ChatSession:
         candidate, dropped, (prompt, pictures, ids) = self._fit(candidate)
         # The turn's own random stream (sampling with --seed): the same conversation gives the same answers.
         seed = self.plan.seed_for("chat", sum(1 for message in candidate if message["role"] == "user"))
+        if self.cache_pool is not None:
+            self._cache = self.cache_pool.take(ids)
         try:
             if self._uses_cache(prompt, pictures, ids):
                 result = self._cache.generate(self.checkpoint, ids, [picture.tensors for picture in pictures],
                                               [picture.sha256 for picture in pictures], self.plan, on_text=on_text,
-                                              seed=seed, cancelled=cancelled)
+                                              seed=seed, cancelled=cancelled, constraint=constraint)
                 reused = self._cache.reused
             else:
                 images = [picture.image for picture in pictures]
                 [result] = generate(self.checkpoint, [prompt], [images], self.plan, on_text=on_text, seed=seed,
-                                    cancelled=cancelled)
+                                    cancelled=cancelled, constraint=constraint)
                 reused = 0
         except Exception as error:
             if not is_out_of_memory(error):
                 raise
             release_memory()
             raise InputError(TURN_OUT_OF_MEMORY) from error
-        if result.error is not None:  # out of memory, even alone
+        if result.error == OUT_OF_MEMORY:  # even alone
             raise InputError(TURN_OUT_OF_MEMORY)
         if cancelled is not None and cancelled.is_set():  # cut short: not an answer to keep
             self._cache.clear()
             raise Cancelled()
+        if self.cache_pool is not None and self._cache.cache is not None:
+            self.cache_pool.give(self._cache)  # for the next request that begins like this one
         if dropped:
             warnings.warn(f"the conversation outgrew the model's context: dropped the oldest {dropped} exchange(s)",
                           InputWarning, stacklevel=2)
@@ -191,7 +211,8 @@ class ChatSession:
         self.messages = candidate
         self.pending = []
         self._forget_unused_pictures()
-        return ChatReply(result.text, result.new_tokens, dropped, reused, result.prompt_tokens, result.seconds)
+        return ChatReply(result.text, result.new_tokens, dropped, reused, result.prompt_tokens, result.seconds,
+                         prompt_length=len(ids), data=result.data, error=result.error)
 
     def _forget_unused_pictures(self) -> None:
         """Keep the tensors of the images still in the conversation only."""

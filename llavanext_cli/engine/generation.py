@@ -161,7 +161,7 @@ def generate_from_inputs(checkpoint: Checkpoint, inputs: Any, plan: ExecutionPla
             if token in stop_ids:
                 break
         counts.append(count)
-        texts.append(tokenizer.decode(new, skip_special_tokens=True).strip())
+        texts.append(plan.trimmed(tokenizer.decode(new, skip_special_tokens=True).strip()))
     outcomes = (constraint.outcomes(matchers, output[:, prompt_length:], texts) if matchers is not None
                 else [None] * len(texts))
     results = [Generation(text=text, new_tokens=count, seconds=round(seconds, 4),

@@ -39,6 +39,7 @@ class GenerationOptions:
     top_p: float = 1.0
     num_beams: int = 1
     seed: int | None = None
+    stop: tuple[str, ...] = ()  # texts an answer ends before (a server's "stop"): not part of the answer
 
     @classmethod
     def from_settings(cls, settings: Any) -> GenerationOptions:
@@ -81,9 +82,19 @@ class ExecutionPlan:
             kwargs.update(do_sample=True, temperature=options.temperature, top_p=options.top_p)
         else:
             kwargs.update(do_sample=False, **dict.fromkeys(SAMPLING_KEYS))
+        if options.stop:
+            kwargs["stop_strings"] = list(options.stop)
         if self.tokenizer is not None:
             kwargs["tokenizer"] = self.tokenizer
         return kwargs
+
+    def trimmed(self, text: str) -> str:
+        """An answer without what follows a stop text (the stop text included)."""
+        for stop in self.options.stop:
+            where = text.find(stop)
+            if where >= 0:
+                text = text[:where]
+        return text.strip() if self.options.stop else text
 
     def seed_for(self, *identity: Any) -> int | None:
         """The seed of the random stream of the input `identity` names (None unless sampling with --seed): derived
@@ -142,7 +153,7 @@ def plan_execution(checkpoint: Any, options: GenerationOptions, *, compile: bool
         share_prefixes=one_sequence_a_row,
         keep_chat_cache=one_sequence_a_row,
         workers=workers,
-        tokenizer=tokenizer if getattr(generation_config, "stop_strings", None) else None,
+        tokenizer=tokenizer if getattr(generation_config, "stop_strings", None) or options.stop else None,
     )
 
 

@@ -268,7 +268,8 @@ class ConversationCache:
 
     def generate(self, checkpoint: Any, ids: list[int], images: Sequence[dict[str, Any]], image_keys: Sequence[str],
                  plan: ExecutionPlan, on_text: Callable[[str], None] | None = None,
-                 seed: int | None = None, cancelled: threading.Event | None = None) -> Generation:
+                 seed: int | None = None, cancelled: threading.Event | None = None,
+                 constraint: Any = None) -> Generation:
         """Answer the prompt `ids`; `images` are the tensors of each image in the prompt, in order, and `image_keys`
         what tells them apart (a digest of the file)."""
         import torch
@@ -295,13 +296,54 @@ class ConversationCache:
         self.reused = keep
         try:
             [result], output = generate_from_inputs(checkpoint, inputs, plan, on_text=on_text, cache=self.cache,
-                                                    seed=seed, prompt_tokens=len(ids) - keep, cancelled=cancelled)
+                                                    seed=seed, prompt_tokens=len(ids) - keep, cancelled=cancelled,
+                                                    constraint=constraint)
         except BaseException:
             self.clear()
             raise
         self.ids = output[0].tolist()[:self.cache.get_seq_length()]
         self.images = {start: key for (start, _), key in zip(runs, image_keys)}
         return result
+
+
+class PrefixStore:
+    """A server's conversation caches, kept between requests within a memory budget: a request takes the one whose
+    tokens begin most like its prompt (a conversation's next turn finds its last turn's), cuts it back to where they
+    differ and continues it; then gives it back. The least recently used go first when the budget is exceeded."""
+
+    def __init__(self, budget_bytes: int):
+        self.budget = budget_bytes
+        self._caches: list[ConversationCache] = []  # least recently used first
+
+    def take(self, ids: Sequence[int]) -> ConversationCache:
+        best, shared = None, 0
+        for cache in self._caches:
+            length = common_prefix_length([ids, cache.ids]) if cache.ids else 0
+            if length > shared:
+                best, shared = cache, length
+        if best is None:
+            return ConversationCache()
+        self._caches.remove(best)
+        return best
+
+    def give(self, cache: ConversationCache) -> None:
+        self._caches.append(cache)
+        while self._caches and self.held() > self.budget:
+            self._caches.pop(0).clear()
+
+    def held(self) -> int:
+        """The bytes the caches hold."""
+        return sum(cache_bytes(cache.cache) for cache in self._caches if cache.cache is not None)
+
+    def __len__(self) -> int:
+        return len(self._caches)
+
+
+def cache_bytes(cache: Any) -> int:
+    layers = getattr(cache, "layers", None) or []
+    return sum(int(layer.keys.nbytes) + int(layer.values.nbytes) for layer in layers
+               if getattr(layer, "keys", None) is not None and getattr(layer, "values", None) is not None
+               and hasattr(layer.keys, "nbytes"))
 
 
 def stack_image_tensors(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
