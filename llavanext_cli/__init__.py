@@ -6,7 +6,7 @@
         print(record.to_json())
 
 Importing the package imports neither torch nor transformers: the names below load their modules when first used.
-Layers, each importing only those below it: cli -> api -> engine -> model -> io (errors beside them all).
+Layers, each importing only those below it: cli -> serve -> api -> engine -> model -> io (errors beside them all).
 """
 
 from __future__ import annotations

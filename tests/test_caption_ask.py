@@ -288,7 +288,8 @@ def test_plan_batches_groups_equal_token_counts_and_keeps_every_input():
 
 
 def test_prefetch_matches_no_prefetch_and_fast_decode_runs(tiny_next, mixed_folder):
-    from llavanext_cli.engine.answering import PromptJob, answer_jobs
+    from llavanext_cli.engine.answering import answer_jobs
+    from llavanext_cli.io.questions import PromptJob
     from llavanext_cli.model.checkpoint import open_checkpoint
     from llavanext_cli.engine.plan import GenerationOptions, plan_execution
     from llavanext_cli.io.records import Subject
@@ -324,7 +325,8 @@ def test_out_of_memory_halves_the_batch_and_drops_nothing(tiny_next, mixed_folde
     the same as without the error."""
     import torch
 
-    from llavanext_cli.engine.answering import PromptJob, answer_jobs
+    from llavanext_cli.engine.answering import answer_jobs
+    from llavanext_cli.io.questions import PromptJob
     from llavanext_cli.model.checkpoint import open_checkpoint
     from llavanext_cli.engine.plan import GenerationOptions, plan_execution
     from llavanext_cli.io.records import Subject

@@ -128,7 +128,8 @@ def test_a_real_cuda_out_of_memory_halves_the_batch(tiny_next):
     still gets the answer it gets in a batch of one."""
     texts = python_on_gpu(f"""
         import json, torch
-        from llavanext_cli.engine.answering import PromptJob, answer_jobs
+        from llavanext_cli.engine.answering import answer_jobs
+        from llavanext_cli.io.questions import PromptJob
         from llavanext_cli.model.checkpoint import open_checkpoint
         from llavanext_cli.engine.plan import GenerationOptions, plan_execution
         from llavanext_cli.io.records import Subject

@@ -145,8 +145,11 @@ def test_a_conversation_is_rendered_as_chat_renders_it(server, tiny_next):
     reply = client.chat.completions.create(model="tiny", messages=messages)
     assert reply.choices[0].message.content == first
     messages += [{"role": "assistant", "content": first}, {"role": "user", "content": "And its colour?"}]
-    reply = client.chat.completions.create(model="tiny", messages=messages)  # reuses the first turn's cached prefix
+    reply = client.chat.completions.create(model="tiny", messages=messages)
     assert reply.choices[0].message.content == second
+    # The second turn ran only its new tokens: the first turn's prefix (the image's ~1,000 tokens) came from the cache.
+    assert reply.usage.prompt_tokens_details.cached_tokens > 1000
+    assert reply.usage.prompt_tokens - reply.usage.prompt_tokens_details.cached_tokens < 100
 
 
 def test_llm_with_an_attachment(server, tiny_next, tmp_path):

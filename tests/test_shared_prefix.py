@@ -7,6 +7,8 @@ import json
 import random
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conftest import EXAMPLES, TEST_IMAGES, run_cli
 
@@ -81,7 +83,8 @@ def test_resume_keys_stay_image_and_question(tiny_next, expected, tmp_path):
 
 
 def test_each_image_is_preprocessed_and_encoded_once_for_all_its_questions(tiny_next, expected):
-    from llavanext_cli.engine.answering import PromptJob, answer_jobs
+    from llavanext_cli.engine.answering import answer_jobs
+    from llavanext_cli.io.questions import PromptJob
     from llavanext_cli.model.checkpoint import open_checkpoint
     from llavanext_cli.engine.plan import GenerationOptions, plan_execution
     from llavanext_cli.io.records import Subject
@@ -240,3 +243,47 @@ def test_an_interrupted_turn_leaves_no_cache_and_the_next_turn_is_still_exact(ti
     history = [user("What is this?", IMAGES[0]), assistant(first.text), user("Tell me more.")]
     assert second.text == reference_reply(hf_reference, tiny_next, history)
     assert second.reused_tokens == 0
+
+
+def test_the_servers_prefix_store_keeps_what_fits_its_budget_and_drops_the_least_recently_used():
+    import torch
+    from transformers import DynamicCache
+
+    from llavanext_cli.engine.prefix_cache import ConversationCache, PrefixStore, cache_bytes
+
+    def conversation(ids):
+        cache = DynamicCache()
+        for layer in range(2):
+            cache.update(torch.zeros(1, 2, len(ids), 8), torch.zeros(1, 2, len(ids), 8), layer)
+        return ConversationCache(cache=cache, ids=list(ids))
+
+    one = cache_bytes(conversation(range(100)).cache)
+    store = PrefixStore(budget_bytes=2 * one)
+    first, second, third = conversation(range(100)), conversation(range(1000, 1100)), conversation(range(2000, 2100))
+    store.give(first)
+    store.give(second)
+    assert len(store) == 2 and store.held() == 2 * one
+    # A request that begins like the first takes it (the best common prefix), which makes it the most recent.
+    assert store.take([*range(50), 7, 7]) is first
+    store.give(first)
+    store.give(third)  # over budget: the least recently used (the second) goes, and lets go of its tensors
+    assert len(store) == 2 and store.held() <= store.budget
+    assert second.cache is None and second.ids == []
+    assert store.take(list(range(1000, 1050))).cache is None  # nothing begins like it now: a fresh cache
+    assert store.take(list(range(2000, 2010))) is third
+    # A budget smaller than one conversation keeps none.
+    tiny = PrefixStore(budget_bytes=one - 1)
+    tiny.give(conversation(range(100)))
+    assert len(tiny) == 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 2), max_size=12), min_size=1, max_size=4))
+def test_common_prefix_length_is_the_count_of_leading_ids_all_share(sequences):
+    from llavanext_cli.engine.prefix_cache import common_prefix_length
+
+    expected = 0
+    while all(len(sequence) > expected for sequence in sequences) and \
+            len({sequence[expected] for sequence in sequences}) == 1:
+        expected += 1
+    assert common_prefix_length(sequences) == expected

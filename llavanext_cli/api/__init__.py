@@ -5,11 +5,21 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from llavanext_cli.api.model import Chat, Model, load
+if TYPE_CHECKING:
+    from llavanext_cli.api.model import Chat, Model, load
 
 __all__ = ["Chat", "Model", "inspect", "load", "score"]
+
+
+def __getattr__(name: str) -> Any:
+    """Chat, Model and load, from api.model when first used (the run plan beside them does not need the engine)."""
+    if name in ("Chat", "Model", "load"):
+        from llavanext_cli.api import model
+
+        return getattr(model, name)
+    raise AttributeError(f"module 'llavanext_cli.api' has no attribute {name!r}")
 
 
 def inspect(model: str | None = None, image_size: tuple[int, int] | None = None, prompt: str | None = None, *,

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from llavanext_cli.api.images import given_images
-from llavanext_cli.engine.answering import PromptJob
+from llavanext_cli.io.questions import PromptJob, check_questions
 from llavanext_cli.engine.plan import GenerationOptions
 from llavanext_cli.engine.scoring import LabelJob
 from llavanext_cli.errors import InputWarning, UsageError
@@ -102,7 +102,7 @@ class Model:
                     **generation: Any) -> Iterator[Record]:
         """A VQA set, as `ask --questions`: a JSONL file, or dicts `{"image" or "images", "question", ...}` (the other
         keys copied into the records), in their order."""
-        from llavanext_cli.engine.answering import open_questions, question_jobs
+        from llavanext_cli.io.questions import open_questions, question_jobs
 
         if isinstance(source, (str, os.PathLike)):
             jobs = open_questions(os.fspath(source), stdin=None)  # type: ignore[arg-type]
@@ -242,17 +242,6 @@ class Model:
                 self._busy.release()
 
         return held()
-
-
-def check_questions(questions: str | Sequence[str] | None) -> list[str]:
-    """The questions of an ask call (one or several), as the CLI checks its -q."""
-    if isinstance(questions, str):
-        questions = [questions]
-    if not questions:
-        raise UsageError("no question", hint="pass -q QUESTION, or --questions FILE.jsonl")
-    if any(not isinstance(text, str) or not text.strip() for text in questions):
-        raise UsageError("empty question in -q", hint="each -q takes a question: -q \"What is it?\"")
-    return list(questions)
 
 
 def load_answer_schema(schema: Any) -> Any:

@@ -69,9 +69,9 @@ def ask(
       llava ask dataset/ -q "List the objects in this image, comma-separated." --sidecar
     """
     flags = opt.model_flags(locals())
-    from llavanext_cli.api.model import check_questions
+    from llavanext_cli.io.questions import check_questions
     from llavanext_cli.cli.batch import answering, command_model, run_batch
-    from llavanext_cli.engine.answering import PromptJob, open_questions
+    from llavanext_cli.io.questions import PromptJob, open_questions
     from llavanext_cli.io.dataset_outputs import DataSetFlags
     from llavanext_cli.io.inputs import expand_inputs, no_input_images
     from llavanext_cli.io.records import Subject

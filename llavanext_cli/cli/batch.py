@@ -6,10 +6,9 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llavanext_cli.api.batch import Job, RunPlan
-from llavanext_cli.api.model import Model
 from llavanext_cli.cli import out
 from llavanext_cli.engine.figures import RunFigures
 from llavanext_cli.errors import Terminated, say_how_to_go_on
@@ -17,8 +16,11 @@ from llavanext_cli.io.dataset_outputs import DataSetFlags
 from llavanext_cli.io.records import JsonRecord, Record
 from llavanext_cli.io.settings import Settings
 
+if TYPE_CHECKING:
+    from llavanext_cli.api.model import Model
+
 # What a command's model makes of the jobs to run (`on_text`: a single answer, streamed to a terminal).
-RecordsOf = Callable[[Model, list[Job], "Callable[[str], None] | None"], Iterator[Record]]
+RecordsOf = Callable[["Model", list[Job], "Callable[[str], None] | None"], Iterator[Record]]
 
 
 def command_model(settings: Settings, server: str | None = None) -> Any:
@@ -30,6 +32,7 @@ def command_model(settings: Settings, server: str | None = None) -> Any:
         from llavanext_cli.serve.client import RemoteModel
 
         return RemoteModel(server, settings, os.environ.get("LLAVA_API_KEY"))
+    from llavanext_cli.api.model import Model
     from llavanext_cli.cli import collector
 
     return Model(settings, on_loaded=collector.model_loaded)

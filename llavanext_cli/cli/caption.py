@@ -60,7 +60,7 @@ def caption(
     """
     flags = opt.model_flags(locals())
     from llavanext_cli.cli.batch import answering, command_model, run_batch
-    from llavanext_cli.engine.answering import PromptJob
+    from llavanext_cli.io.questions import PromptJob
     from llavanext_cli.io.dataset_outputs import DataSetFlags
     from llavanext_cli.io.inputs import expand_inputs, no_input_images
     from llavanext_cli.io.records import Subject

@@ -144,15 +144,21 @@ class ChatSession:
     def _uses_cache(self, prompt: str, pictures: list[_Picture], ids: list[int]) -> bool:
         """Whether this turn continues from the conversation's cache: in greedy and sampled decoding (beam search
         keeps a cache per beam), and once the ids built here proved equal to the processor's own (checked on the
-        first prompt with images; where they differ, every turn runs whole, as the processor prepares it)."""
+        first prompt with images, once for all the conversations of a server; where they differ, every turn runs
+        whole, as the processor prepares it)."""
         if not self.plan.keep_chat_cache or not self._cache_usable:
             return False
         if len(image_token_runs(ids, image_token_id(self.checkpoint.processor))) != len(pictures):
             return False  # two image tags rendered side by side: which tokens are whose is not known here
         if pictures and not self._ids_checked:
-            inputs = prepare_inputs(self.checkpoint.processor, [prompt], [[picture.image for picture in pictures]])
+            proven = getattr(self.cache_pool, "ids_proven", None)  # a server checks once for all its conversations
+            if proven is None:
+                inputs = prepare_inputs(self.checkpoint.processor, [prompt], [[picture.image for picture in pictures]])
+                proven = inputs["input_ids"][0].tolist() == ids
+                if self.cache_pool is not None:
+                    self.cache_pool.ids_proven = proven
             self._ids_checked = True
-            self._cache_usable = inputs["input_ids"][0].tolist() == ids
+            self._cache_usable = proven
         return self._cache_usable
 
     def continue_from(self, messages: list[Message]) -> None:

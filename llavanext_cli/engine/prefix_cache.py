@@ -66,13 +66,24 @@ def image_token_runs(ids: Sequence[int], image_token: int) -> list[tuple[int, in
 
 
 def common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
-    """How many leading ids all the sequences share."""
-    shortest = min(len(sequence) for sequence in sequences)
-    for position in range(shortest):
-        token = sequences[0][position]
-        if any(sequence[position] != token for sequence in sequences[1:]):
-            return position
-    return shortest
+    """How many leading ids all the sequences share. Found by halving with slice comparisons (done in C), not id by
+    id: a server compares each request with every cached conversation, thousands of ids each, most of them alike
+    (every image token has the same id)."""
+    first = list(sequences[0])
+    shared = min(len(sequence) for sequence in sequences)
+    for other in sequences[1:]:
+        other = list(other)
+        if first[:shared] == other[:shared]:
+            continue
+        low, high = 0, shared - 1  # first[:low] == other[:low]; they differ within first[:high + 1]
+        while low < high:
+            middle = (low + high + 1) // 2
+            if first[:middle] == other[:middle]:
+                low = middle
+            else:
+                high = middle - 1
+        shared = low
+    return shared
 
 
 def tokenize(processor: Any, prompt: str) -> list[int]:
@@ -314,6 +325,9 @@ class PrefixStore:
     def __init__(self, budget_bytes: int):
         self.budget = budget_bytes
         self._caches: list[ConversationCache] = []  # least recently used first
+        # Whether the ids a conversation builds (its text tokenized, each image tag expanded) proved equal to the
+        # processor's own on the first prompt with images any of them had (None: not checked yet).
+        self.ids_proven: bool | None = None
 
     def take(self, ids: Sequence[int]) -> ConversationCache:
         best, shared = None, 0

@@ -211,13 +211,16 @@ async def chat_completions(request: Request) -> Response:
         raise Refused(400, "the last user message has no text")
     completion = f"chatcmpl-{uuid.uuid4().hex}"
     if len(converted) == 1 and not stream:  # one user turn: answered with the requests that arrive with it
-        from llavanext_cli.engine.answering import PromptJob
+        from llavanext_cli.io.questions import PromptJob
         from llavanext_cli.io.records import Subject
 
         subject = Subject(tuple(images), together=len(images) != 1)
         work = Work("answer", jobs=[PromptJob(subject, text)], generation=generation, schema=schema,
-                    in_memory=in_memory)
-        [record] = await server.run(request, work)
+                    in_memory=in_memory, messages=converted, text=text)
+        result = await server.run(request, work)
+        if not isinstance(result, list):  # it arrived alone and ran as a conversation (its prefix kept)
+            return _completion(completion, name, result.text, result, generation)
+        [record] = result
         if not record.ok and "data" not in record.to_json():
             if getattr(record, "error", "").startswith("answer cut at"):
                 return _completion(completion, name, "", record, generation)
@@ -254,14 +257,21 @@ def _message(server: Server, message: Any, count: list[int], in_memory: dict[str
 
 
 def _completion(completion: str, name: str, text: str, result: Any, generation: dict[str, Any]) -> JSONResponse:
-    new = getattr(result, "new_tokens", 0)
-    prompt = getattr(result, "prompt_length", 0) or getattr(result, "prompt_tokens", 0)
     return JSONResponse({
         "id": completion, "object": "chat.completion", "created": int(time.time()), "model": name,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                      "finish_reason": _finish(result, generation)}],
-        "usage": {"prompt_tokens": prompt, "completion_tokens": new, "total_tokens": prompt + new},
+        "usage": _usage(result),
     })
+
+
+def _usage(result: Any) -> dict[str, Any]:
+    """OpenAI's usage of a reply or record; `cached_tokens`, the prompt tokens a conversation took from the cached
+    prefix of an earlier request instead of running them again."""
+    new = getattr(result, "new_tokens", 0)
+    prompt = getattr(result, "prompt_length", 0) or getattr(result, "prompt_tokens", 0)
+    return {"prompt_tokens": prompt, "completion_tokens": new, "total_tokens": prompt + new,
+            "prompt_tokens_details": {"cached_tokens": getattr(result, "reused_tokens", 0)}}
 
 
 def _finish(result: Any, generation: dict[str, Any]) -> str:
@@ -305,11 +315,9 @@ async def _stream(request: Request, server: Server, work: Work, completion: str,
                 reply = work.future.result()
                 yield chunk({}, _finish(reply, generation))
                 if usage:
-                    prompt, new = reply.prompt_length, reply.new_tokens
                     yield "data: " + json.dumps({"id": completion, "object": "chat.completion.chunk",
                                                  "created": created, "model": name, "choices": [],
-                                                 "usage": {"prompt_tokens": prompt, "completion_tokens": new,
-                                                           "total_tokens": prompt + new}}) + "\n\n"
+                                                 "usage": _usage(reply)}) + "\n\n"
             yield "data: [DONE]\n\n"
         finally:
             if not work.future.done():  # the client went away mid-stream
@@ -320,7 +328,7 @@ async def _stream(request: Request, server: Server, work: Work, completion: str,
 
 async def native(request: Request) -> Response:
     """/v1/caption, /v1/ask, /v1/classify: the CLI's records, in the order of the request's images (and questions)."""
-    from llavanext_cli.engine.answering import PromptJob
+    from llavanext_cli.io.questions import PromptJob
     from llavanext_cli.engine.scoring import LabelJob, classification_prompt, parse_labels
     from llavanext_cli.io.records import Subject
 
@@ -348,7 +356,7 @@ async def native(request: Request) -> Response:
             prompt = body.get("prompt") or model.settings.caption_prompt
             jobs = [PromptJob(Subject.of(image), prompt) for image in names]
         else:
-            from llavanext_cli.api.model import check_questions
+            from llavanext_cli.io.questions import check_questions
 
             questions = check_questions(body.get("questions", body.get("question")))
             subjects = ([Subject(tuple(names), together=True)] if body.get("together")

@@ -107,6 +107,8 @@ class RemoteModel:
         return self
 
     def check_answering(self, schema: Any = None, **generation: Any) -> tuple[Any, int, Any]:
+        if schema is None:
+            return None, self.settings.batch_size, None
         from llavanext_cli.api.model import load_answer_schema
 
         return None, self.settings.batch_size, load_answer_schema(schema)  # a bad schema: exit 2 here already

@@ -6,8 +6,9 @@ alone (greedy):
   generation settings and schema runs as one `Model.answer` call: questions about the same image share its encoded
   prefix, other inputs are batched by image-token count (--batch-size);
 - classify work with the same labels and prompt runs as one `Model.classify_jobs` call;
-- a conversation (several turns, a system prompt, or streaming) runs alone, continuing from the cached prefix of an
-  earlier request that began like it (a conversation's last turn, the same image), within --cache-memory.
+- a conversation (several turns, a system prompt, or streaming), and a one-turn chat completion that arrived alone,
+  runs alone, continuing from the cached prefix of an earlier one that began like it (a conversation's last turn,
+  the same image) and leaving its own for the next, within --cache-memory.
 
 A request given up by its client is dropped if it has not started; if it runs alone, or every request it runs with
 was given up too, the generation stops after its current step; its slot in the queue is free at once.
@@ -132,7 +133,10 @@ class Scheduler:
                 key = work.group_key()
                 (alone.append(work) if key is None else groups.setdefault(key, []).append(work))
             for group in groups.values():
-                self._guarded(group, self._run_group)
+                if len(group) == 1 and group[0].messages:  # a chat turn with no company: as a conversation, its
+                    self._guarded(group, lambda works: self._run_conversation(works[0]))  # prefix kept for the next
+                else:
+                    self._guarded(group, self._run_group)
             for work in alone:
                 self._guarded([work], lambda works: self._run_conversation(works[0]))
             if stop_after:
@@ -188,8 +192,8 @@ class Scheduler:
                 work.future.set_result(mine)
 
     def _run_conversation(self, work: Work) -> None:
-        if work.kind != "conversation":  # a streamed single turn: a conversation of one turn
-            raise RuntimeError(f"a {work.kind} work cannot run alone")
+        if not work.messages:
+            raise RuntimeError(f"a {work.kind} work without messages cannot run as a conversation")
         from llavanext_cli.api.model import load_answer_schema
 
         chat = self.model.chat(**work.generation)
