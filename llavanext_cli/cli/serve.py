@@ -108,10 +108,10 @@ def _run_server(flags: dict, config, verbose: bool, *, host: str, port: int, api
     server = Server([model.name, *aliases], scheduler, policy, limits, api_key)
     listener = socket.create_server((host, port))  # bound here: port 0 is known before uvicorn runs
     bound = listener.getsockname()[1]
-    out.note(f"llava serve: {model.name} on http://{host}:{bound} ({'a key is needed' if api_key else 'no key'}; "
-             f"Ctrl-C or SIGTERM stops it)")
     config_ = uvicorn.Config(make_app(server), log_level="info" if verbose else "warning", access_log=verbose,
                              timeout_graceful_shutdown=None)
+    out.note(f"llava serve: {model.name} on http://{host}:{bound} ({'a key is needed' if api_key else 'no key'}; "
+             f"Ctrl-C or SIGTERM stops it)")
     # uvicorn stops gracefully on SIGTERM, then raises the signal again for the handler it found: a server asked to
     # stop that stopped is a success (exit 0), not a run cut short.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)

@@ -17,6 +17,8 @@ import sys
 import time
 import traceback
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -412,7 +414,8 @@ def make_app(server: Server) -> Starlette:
               Route("/v1/chat/completions", _guard(chat_completions), methods=["POST"]),
               *[Route(f"/v1/{name}", _guard(native), methods=["POST"]) for name in ("caption", "ask", "classify")]]
 
-    async def lifespan(app: Starlette) -> Any:
+    @asynccontextmanager  # a plain async generator is deprecated in Starlette 0.40's range
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
         server.scheduler.start()
         yield
         server.scheduler.stop()  # what waits and runs is finished first
