@@ -14,6 +14,9 @@ from conftest import EXAMPLES, run_cli
 CAT, ROCKET = EXAMPLES / "chelsea.png", EXAMPLES / "rocket.jpg"
 TOKENS = ("--max-new-tokens", "6")
 
+# One worker runs the module: the baseline records are made once for all its tests.
+pytestmark = pytest.mark.xdist_group("generation-config")
+
 
 def with_generation_config(tiny_next, tmp_path, **keys):
     """A copy of the tiny checkpoint whose generation_config.json also says `keys`."""
