@@ -4,6 +4,7 @@ nothing on stderr but errors and warnings."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import pexpect
@@ -13,8 +14,8 @@ from conftest import EXAMPLES, REPO, run_cli
 
 def spawn(*args, timeout=120):
     child = pexpect.spawn(sys.executable, ["-m", "llavanext_cli", *map(str, args)], cwd=str(REPO), encoding="utf-8",
-                          timeout=timeout, dimensions=(40, 160), env={"TERM": "xterm-256color", "COLUMNS": "160",
-                                                                      **__import__("os").environ})
+                          timeout=timeout, dimensions=(40, 160),
+                          env={**os.environ, "TERM": "xterm-256color", "COLUMNS": "160", "LINES": "40"})
     child.expect(pexpect.EOF)
     child.close()
     return child.exitstatus, child.before
