@@ -43,9 +43,8 @@ def memory_bytes(counts: dict[str, int]) -> dict[str, int]:
     return memory
 
 
-def weights_bytes(config: Any, dtype: str, quant: str) -> int:
+def planned_bytes(memory: dict[str, int], dtype: str, quant: str) -> int:
     """The weights' memory as planned: at `dtype` (float32, float16, bfloat16), or quantized (4bit, 8bit)."""
-    memory = memory_bytes(count_parameters(config))
     return memory[quant] if quant in ("4bit", "8bit") else memory[dtype]
 
 
@@ -83,11 +82,11 @@ def check_weights_fit(model: str, config: Any, device: str, device_map: Any, dty
     before a weight is read (a 7B checkpoint in float32 on a 32 GB laptop would otherwise be killed by the kernel
     with no message)."""
     dtype_name = str(dtype).removeprefix("torch.")
-    needed = weights_bytes(config, dtype_name, quant)
+    memory = memory_bytes(count_parameters(config))  # an empty-weights model built once
+    needed = planned_bytes(memory, dtype_name, quant)
     available, where = free_memory(device, device_map, max_memory)
     if needed <= available:
         return
-    memory = memory_bytes(count_parameters(config))
     options = [f"--quant 4bit ({_gib(memory['4bit'])})", f"--quant 8bit ({_gib(memory['8bit'])})"]
     if dtype_name == "float32":
         options.insert(0, f"--dtype bfloat16 ({_gib(memory['bfloat16'])})")
