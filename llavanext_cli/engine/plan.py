@@ -160,8 +160,8 @@ def plan_execution(checkpoint: Any, options: GenerationOptions, *, compile: bool
 def _check_quantized_cache_backend(generation_config: Any) -> None:
     import importlib.util
 
-    backend = (getattr(generation_config, "cache_config", None) or {}).get("backend", "quanto") \
-        if isinstance(getattr(generation_config, "cache_config", None), dict) else "quanto"
+    cache_config = getattr(generation_config, "cache_config", None)
+    backend = cache_config.get("backend", "quanto") if isinstance(cache_config, dict) else "quanto"
     module = {"quanto": "optimum.quanto", "HQQ": "hqq"}.get(backend, backend)
     try:
         found = importlib.util.find_spec(module) is not None
