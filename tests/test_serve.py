@@ -342,6 +342,7 @@ def test_bad_requests_are_refused_with_the_right_status_and_clean_words(server, 
             ("wrong key", chat_body("tiny"), "nope", 401, "a valid API key is needed"),
             ("no key", chat_body("tiny"), None, 401, "a valid API key is needed"),
             ("another model", chat_body("llava-hf/llava-v1.6-mistral-7b-hf"), KEY, 404, "is not served here"),
+            ("no model", {k: v for k, v in chat_body("tiny").items() if k != "model"}, KEY, 400, "model is required"),
             ("n", chat_body("tiny", n=10000), KEY, 400, "n must be 1"),
             ("bad schema", chat_body("tiny", response_format={"type": "json_schema", "json_schema": {"schema": {
                 "type": "object", "properties": {"x": {"type": "string", "maxLenght": 3}}}}}), KEY, 400,

@@ -98,6 +98,8 @@ class Server:
         name = body.get("model")
         if name is None and not required:
             return self.names[0]
+        if name is None:
+            raise Refused(400, f"model is required: this server serves {', '.join(self.names)}", "missing_model")
         if name not in self.names:
             raise Refused(404, f"model {name!r} is not served here; this server serves {', '.join(self.names)} "
                                "(it never downloads another)", "model_not_found")
