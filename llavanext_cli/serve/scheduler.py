@@ -97,8 +97,7 @@ class Scheduler:
         """The client went away: its slot is free now; its generation stops after the current step if it runs alone
         (or with others that were all given up), and it never starts if it has not."""
         work.cancelled.set()
-        if not work.future.done():
-            work.future.set_exception(Cancelled())
+        _settle(work.future, error=Cancelled())
 
     def _release(self) -> None:
         with self._lock:
@@ -150,8 +149,7 @@ class Scheduler:
             run(works)
         except BaseException as error:  # a handler reports it, without its text unless it is the tool's own
             for work in works:
-                if not work.future.done():
-                    work.future.set_exception(error)
+                _settle(work.future, error=error)
 
     def _group_cancel(self, works: list[Work]) -> threading.Event:
         """An event set once every work of a group is given up (watched by a small thread for the group's time)."""
@@ -188,8 +186,7 @@ class Scheduler:
         for work in works:
             mine = produced[start:start + len(work.jobs)]
             start += len(work.jobs)
-            if not work.future.done():
-                work.future.set_result(mine)
+            _settle(work.future, mine)
 
     def _run_conversation(self, work: Work) -> None:
         if not work.messages:
@@ -213,5 +210,16 @@ class Scheduler:
             yield session.send(text, on_text=work.on_text, cancelled=work.cancelled, constraint=constraint)
 
         reply = next(self.model._exclusively(turn))
-        if not work.future.done():
-            work.future.set_result(reply)
+        _settle(work.future, reply)
+
+
+def _settle(future: concurrent.futures.Future, result: Any = None, error: BaseException | None = None) -> None:
+    """Settle a work's future unless it is settled already: the worker and a client that goes away (give_up, on the
+    event loop) may both try at once, and the second must not raise in either thread."""
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+    except concurrent.futures.InvalidStateError:
+        pass
