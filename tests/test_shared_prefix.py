@@ -270,7 +270,10 @@ def test_the_servers_prefix_store_keeps_what_fits_its_budget_and_drops_the_least
     assert len(store) == 2 and store.held() <= store.budget
     assert second.cache is None and second.ids == []
     assert store.take(list(range(1000, 1050))).cache is None  # nothing begins like it now: a fresh cache
-    assert store.take(list(range(2000, 2010))) is third
+    # A prompt that shares only its first tokens (a template) with a conversation leaves that conversation's cache
+    # alone: a fresh one, and the conversation's next turn still finds its own.
+    assert store.take([*range(2000, 2010), 5, 5]).cache is None and len(store) == 2
+    assert store.take(list(range(2000, 2060))) is third
     # A budget smaller than one conversation keeps none.
     tiny = PrefixStore(budget_bytes=one - 1)
     tiny.give(conversation(range(100)))

@@ -330,10 +330,13 @@ class PrefixStore:
         self.ids_proven: bool | None = None
 
     def take(self, ids: Sequence[int]) -> ConversationCache:
+        """The cache `ids` continue furthest, if they keep at least half of it (a conversation's next turn keeps all
+        of it); otherwise a new one: a prompt that shares only its first tokens (the template) with a conversation
+        would cut that conversation's cache back for nothing and leave its next turn to start again."""
         best, shared = None, 0
         for cache in self._caches:
             length = common_prefix_length([ids, cache.ids]) if cache.ids else 0
-            if length > shared:
+            if length > shared and 2 * length >= len(cache.ids):
                 best, shared = cache, length
         if best is None:
             return ConversationCache()
