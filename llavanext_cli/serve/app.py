@@ -13,6 +13,7 @@ import asyncio
 import base64
 import hmac
 import json
+import re
 import sys
 import time
 import traceback
@@ -202,7 +203,10 @@ async def chat_completions(request: Request) -> Response:
     if not isinstance(messages, list) or not messages:
         raise Refused(400, "messages must be a non-empty list")
     tag, count, in_memory = f"<{uuid.uuid4().hex[:8]}>", [0], {}
-    converted = [_message(server, message, count, in_memory, tag) for message in messages]
+    # Reading the images (base64, a file, a URL's hops within their deadline) happens off the event loop, which keeps
+    # serving the other requests and streams meanwhile.
+    converted = await asyncio.to_thread(lambda: [_message(server, message, count, in_memory, tag)
+                                                 for message in messages])
     if converted[-1]["role"] != "user":
         raise Refused(400, "the last message must be the user's")
     schema = _checked_schema(_schema_of(body.get("response_format")))
@@ -345,7 +349,8 @@ async def native(request: Request) -> Response:
     if not isinstance(given, list) or not given:
         raise Refused(400, "images must be a non-empty list of {\"data\": base64, \"name\"} or {\"url\"}")
     tag, count, in_memory = f"<{uuid.uuid4().hex[:8]}>", [0], {}
-    names = [server.image(image, count, in_memory, tag, strict=False) for image in given]
+    names = await asyncio.to_thread(lambda: [server.image(image, count, in_memory, tag, strict=False)
+                                             for image in given])
     model = server.scheduler.model
     if route == "classify":
         labels = body.get("labels")
@@ -377,6 +382,9 @@ def _untagged(text: str, tag: str) -> str:
     return text.replace(tag, "")
 
 
+_ANY_TAG = re.compile(r"<[0-9a-f]{8}>")  # a request's tag (see chat_completions and native)
+
+
 async def models(request: Request) -> Response:
     server: Server = request.app.state.server
     server.check_key(request)
@@ -401,8 +409,8 @@ def _guard(handler: Any) -> Any:
             return error_response(error.status, error.message)
         except Cancelled:
             return Response(status_code=499)  # nobody reads it: the client went away
-        except LlavaError as error:
-            return error_response(400 if error.exit_code != 3 else 500, error.message)
+        except LlavaError as error:  # it may name a request's image by its internal name: the tag goes
+            return error_response(400 if error.exit_code != 3 else 500, _ANY_TAG.sub("", error.message))
         except Exception as error:  # noqa: BLE001 (a bug: logged with its traceback, never shown to a client)
             traceback.print_exception(error, file=sys.stderr)
             return error_response(500, "internal error; see the server's log")
