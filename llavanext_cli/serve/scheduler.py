@@ -17,6 +17,7 @@ was given up too, the generation stops after its current step; its slot in the q
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import queue
 import threading
 import time
@@ -53,7 +54,8 @@ class Work:
         """Works that may run together have the same key (None: alone)."""
         if self.kind == "answer" and self.on_text is None:
             return ("answer", tuple(sorted((key, repr(value)) for key, value in self.generation.items())),
-                    id(self.schema) if self.schema is not None else None)
+                    # equal schemas (each request parses its own) run together
+                    json.dumps(self.schema.schema, sort_keys=True) if self.schema is not None else None)
         if self.kind == "classify":
             return ("classify", self.labels, self.question, self.normalize)
         return None
