@@ -151,11 +151,15 @@ class Server:
             settings["stop"] = stops
         return settings
 
-    async def run(self, request: Request, work: Work) -> Any:
-        """Queue the work, wait for it; a client that goes away gives it up (its slot is free at once)."""
+    def submit(self, work: Work) -> None:
+        """Queue the work, or refuse it (429) when --max-queue requests already wait or run."""
         if not self.scheduler.submit(work):
             raise Refused(429, f"the server is busy ({self.scheduler.max_queue} requests waiting or running); try "
                                "again in a moment", "queue_full", headers={"Retry-After": "1"})
+
+    async def run(self, request: Request, work: Work) -> Any:
+        """Queue the work, wait for it; a client that goes away gives it up (its slot is free at once)."""
+        self.submit(work)
         waiting = asyncio.wrap_future(work.future)
         while True:
             done, _ = await asyncio.wait({waiting}, timeout=0.05)
@@ -295,9 +299,7 @@ async def _stream(request: Request, server: Server, work: Work, completion: str,
     loop = asyncio.get_running_loop()
     pieces: asyncio.Queue[Any] = asyncio.Queue()
     work.on_text = lambda piece: loop.call_soon_threadsafe(pieces.put_nowait, piece)
-    if not server.scheduler.submit(work):
-        raise Refused(429, f"the server is busy ({server.scheduler.max_queue} requests waiting or running); try "
-                           "again in a moment", "queue_full", headers={"Retry-After": "1"})
+    server.submit(work)
     work.future.add_done_callback(lambda _: loop.call_soon_threadsafe(pieces.put_nowait, None))
     usage = bool((body.get("stream_options") or {}).get("include_usage"))
     created = int(time.time())
